@@ -1,0 +1,43 @@
+"""asyncckpt: take checkpointing off the critical path of PyTorch training.
+
+The trainer hands a snapshot (copied into reused host memory) to a background writer that
+streams a DCP checkpoint and commits it atomically; ``resume`` loads the newest complete one.
+"""
+
+from .checkpointer import AsyncCheckpointer
+from .errors import (
+    AsyncCheckpointError,
+    CheckpointNotFoundError,
+    CheckpointTimeoutError,
+    ConfigError,
+    CorruptCheckpointError,
+    StagingError,
+    StateMismatchError,
+    StepExistsError,
+    StorageError,
+    WriteError,
+    WriterDiedError,
+)
+from .handle import CheckpointInfo, SaveHandle
+from .resume import list_checkpoints, resume
+
+__all__ = [
+    "AsyncCheckpointer",
+    "SaveHandle",
+    "CheckpointInfo",
+    "list_checkpoints",
+    "resume",
+    "AsyncCheckpointError",
+    "ConfigError",
+    "StagingError",
+    "StorageError",
+    "WriteError",
+    "WriterDiedError",
+    "CheckpointTimeoutError",
+    "StepExistsError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "StateMismatchError",
+]
+
+__version__ = "0.1.0"

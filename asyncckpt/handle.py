@@ -1,0 +1,76 @@
+"""``SaveHandle``: what ``save_async`` returns."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import CheckpointTimeoutError
+
+__all__ = ["SaveHandle", "CheckpointInfo"]
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A committed checkpoint, as listed by :func:`list_checkpoints`.
+
+    Attributes:
+        step: the training step.
+        path: the step's directory (or URL).
+        time: commit time, seconds since the epoch.
+        bytes: total size of its files.
+        metrics: the metrics passed to ``save_async``.
+        world_size: how many ranks wrote it.
+    """
+
+    step: int
+    path: str
+    time: float
+    bytes: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    world_size: int = 1
+
+
+class SaveHandle:
+    """One asynchronous save.
+
+    Attributes:
+        step: the step being saved.
+        staged: resolves (to None) once the snapshot is in host memory; from then on the live
+            state may change freely.
+        committed: resolves to the :class:`CheckpointInfo` once the manifest is durable, or
+            fails with :class:`~asyncckpt.WriteError`.
+    """
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.staged: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self.committed: concurrent.futures.Future[CheckpointInfo] = concurrent.futures.Future()
+        self.observed = False  # the caller has seen this handle's error, if any
+
+    def result(self, timeout: float | None = None) -> CheckpointInfo:
+        """Wait for the commit; raises the background error (a ``WriteError``) if it failed."""
+        try:
+            return self.committed.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise CheckpointTimeoutError(
+                f"step {self.step} was not committed within {timeout}s; the writer is still "
+                "busy (slow storage?). Wait longer or check the writer's progress with stats()"
+            ) from None
+        except BaseException:
+            self.observed = True
+            raise
+
+    def done(self) -> bool:
+        """True once the save has committed or failed."""
+        return self.committed.done()
+
+    def __repr__(self) -> str:
+        if not self.committed.done():
+            status = "staged" if self.staged.done() else "staging"
+        elif self.committed.exception() is not None:
+            status = "failed"
+        else:
+            status = "committed"
+        return f"SaveHandle(step={self.step}, {status})"

@@ -1,0 +1,275 @@
+"""The manifest: the commit marker and the only proof that a checkpoint exists.
+
+It is plain JSON.  Everything the loader needs (tensor dtypes, shapes, chunk placement,
+checksums) comes from here, so the load path never unpickles a file.  ``from_json`` treats its
+input as hostile: every field is type-checked and bounded before anything trusts it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import CorruptCheckpointError
+
+SCHEMA_VERSION = 1
+FORMAT_NAME = "asyncckpt"
+MAX_MANIFEST_BYTES = 256 << 20
+MAX_TREE_DEPTH = 128
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.\-]{0,254}$")
+
+
+def _known_dtypes() -> dict[str, torch.dtype]:
+    names = [
+        "float64", "float32", "float16", "bfloat16", "complex64", "complex128",
+        "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool",
+        "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
+    ]  # fmt: skip
+    return {n: getattr(torch, n) for n in names if isinstance(getattr(torch, n, None), torch.dtype)}
+
+
+DTYPES: dict[str, torch.dtype] = _known_dtypes()
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The manifest's name for ``dtype``; raises TypeError for dtypes it cannot store."""
+    try:
+        return DTYPE_NAMES[dtype]
+    except KeyError:
+        raise TypeError(f"tensors of dtype {dtype} cannot be checkpointed") from None
+
+
+@dataclass
+class Chunk:
+    """One stored piece of a tensor: where it sits in the tensor and in which file."""
+
+    offsets: list[int]
+    sizes: list[int]
+    file: str
+    offset: int  # start of the torch.save blob in the file (what stock DCP reads)
+    length: int  # length of that blob
+    data_offset: int  # absolute file offset of the raw little-endian bytes inside the blob
+    nbytes: int
+    crc32: int  # of the whole blob [offset, offset + length)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TensorEntry:
+    """A tensor's global dtype and shape, and the chunks that tile it."""
+
+    dtype: str
+    shape: list[int]
+    chunks: list[Chunk]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class Manifest:
+    """Everything recorded about one committed step."""
+
+    step: int
+    world_size: int
+    created_at: float
+    tensors: dict[str, TensorEntry]
+    files: dict[str, dict[str, int]]
+    state: dict[str, Any]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    library_version: str = ""
+    torch_version: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(int(f["size"]) for f in self.files.values())
+
+    def to_json(self) -> bytes:
+        doc = {
+            "format": FORMAT_NAME,
+            "schema_version": self.schema_version,
+            "step": self.step,
+            "world_size": self.world_size,
+            "created_at": self.created_at,
+            "metrics": self.metrics,
+            "library_version": self.library_version,
+            "torch_version": self.torch_version,
+            "files": self.files,
+            "tensors": {
+                k: {"dtype": t.dtype, "shape": t.shape, "chunks": [c.to_json() for c in t.chunks]}
+                for k, t in self.tensors.items()
+            },
+            "state": self.state,
+        }
+        return json.dumps(doc, indent=1, allow_nan=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> Manifest:
+        """Parse and validate; any problem raises CorruptCheckpointError naming ``where``."""
+        return _Parser(where).manifest(data)
+
+
+class _Parser:
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def fail(self, what: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"invalid manifest {self.where}: {what}. The checkpoint is damaged or was not "
+            "written by asyncckpt; `asyncckpt verify` shows details."
+        )
+
+    def get(self, d: dict[str, Any], key: str, typ: type | tuple[type, ...], ctx: str) -> Any:
+        if key not in d:
+            raise self.fail(f"{ctx}: missing field {key!r}")
+        v = d[key]
+        if isinstance(v, bool) and typ in (int, float, (int, float)):
+            raise self.fail(f"{ctx}.{key}: expected a number, got a bool")
+        if not isinstance(v, typ):
+            raise self.fail(f"{ctx}.{key}: expected {typ}, got {type(v).__name__}")
+        return v
+
+    def nonneg(self, d: dict[str, Any], key: str, ctx: str) -> int:
+        v = self.get(d, key, int, ctx)
+        if v < 0:
+            raise self.fail(f"{ctx}.{key}: negative value {v}")
+        return int(v)
+
+    def ints(self, v: Any, ctx: str) -> list[int]:
+        if not isinstance(v, list) or len(v) > 64:
+            raise self.fail(f"{ctx}: expected a list of at most 64 ints")
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
+            raise self.fail(f"{ctx}: expected non-negative ints")
+        return [int(x) for x in v]
+
+    def filename(self, name: Any, ctx: str) -> str:
+        if not isinstance(name, str) or not _NAME_RE.match(name) or name in (".", ".."):
+            raise self.fail(f"{ctx}: unsafe file name {name!r} (only plain names inside the step)")
+        return name
+
+    def manifest(self, data: bytes) -> Manifest:
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise self.fail(f"it is {len(data)} bytes, more than the {MAX_MANIFEST_BYTES} limit")
+        try:
+            doc = json.loads(data)
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise self.fail(f"not valid JSON ({e})") from e
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+            raise self.fail("not an asyncckpt manifest (field 'format')")
+        version = self.get(doc, "schema_version", int, "manifest")
+        if version != SCHEMA_VERSION:
+            raise self.fail(
+                f"schema_version {version} is not supported (this asyncckpt reads "
+                f"{SCHEMA_VERSION}); upgrade asyncckpt"
+            )
+        files_raw = self.get(doc, "files", dict, "manifest")
+        files: dict[str, dict[str, int]] = {}
+        for name, info in files_raw.items():
+            self.filename(name, "files")
+            if not isinstance(info, dict):
+                raise self.fail(f"files[{name!r}]: expected an object")
+            entry = {"size": self.nonneg(info, "size", f"files[{name!r}]")}
+            if "crc32" in info:
+                entry["crc32"] = self.nonneg(info, "crc32", f"files[{name!r}]")
+            files[name] = entry
+        tensors: dict[str, TensorEntry] = {}
+        for fqn, t in self.get(doc, "tensors", dict, "manifest").items():
+            tensors[fqn] = self.tensor(fqn, t, files)
+        metrics = self.get(doc, "metrics", dict, "manifest")
+        state = self.get(doc, "state", dict, "manifest")
+        for key, node in state.items():
+            self.node(node, f"state[{key!r}]", tensors, 0)
+        return Manifest(
+            step=self.nonneg(doc, "step", "manifest"),
+            world_size=max(1, self.nonneg(doc, "world_size", "manifest")),
+            created_at=float(self.get(doc, "created_at", (int, float), "manifest")),
+            tensors=tensors,
+            files=files,
+            state=state,
+            metrics=metrics,
+            library_version=str(doc.get("library_version", "")),
+            torch_version=str(doc.get("torch_version", "")),
+            schema_version=version,
+        )
+
+    def tensor(self, fqn: str, t: Any, files: dict[str, dict[str, int]]) -> TensorEntry:
+        ctx = f"tensors[{fqn!r}]"
+        if not isinstance(t, dict):
+            raise self.fail(f"{ctx}: expected an object")
+        dtype = self.get(t, "dtype", str, ctx)
+        if dtype not in DTYPES:
+            raise self.fail(f"{ctx}: unknown dtype {dtype!r}")
+        shape = self.ints(self.get(t, "shape", list, ctx), f"{ctx}.shape")
+        itemsize = DTYPES[dtype].itemsize
+        chunks = []
+        for i, c in enumerate(self.get(t, "chunks", list, ctx)):
+            cctx = f"{ctx}.chunks[{i}]"
+            if not isinstance(c, dict):
+                raise self.fail(f"{cctx}: expected an object")
+            chunk = Chunk(
+                offsets=self.ints(self.get(c, "offsets", list, cctx), f"{cctx}.offsets"),
+                sizes=self.ints(self.get(c, "sizes", list, cctx), f"{cctx}.sizes"),
+                file=self.filename(self.get(c, "file", str, cctx), f"{cctx}.file"),
+                offset=self.nonneg(c, "offset", cctx),
+                length=self.nonneg(c, "length", cctx),
+                data_offset=self.nonneg(c, "data_offset", cctx),
+                nbytes=self.nonneg(c, "nbytes", cctx),
+                crc32=self.nonneg(c, "crc32", cctx),
+            )
+            if len(chunk.offsets) != len(shape) or len(chunk.sizes) != len(shape):
+                raise self.fail(f"{cctx}: rank does not match the tensor's shape {shape}")
+            if any(o + s > d for o, s, d in zip(chunk.offsets, chunk.sizes, shape)):
+                raise self.fail(f"{cctx}: chunk lies outside the tensor's shape {shape}")
+            numel = 1
+            for s in chunk.sizes:
+                numel *= s
+            if chunk.nbytes != numel * itemsize:
+                raise self.fail(f"{cctx}: nbytes {chunk.nbytes} != {numel} x {itemsize}")
+            if chunk.file not in files:
+                raise self.fail(f"{cctx}: file {chunk.file!r} is not listed in 'files'")
+            end = chunk.offset + chunk.length
+            if not (chunk.offset <= chunk.data_offset <= chunk.data_offset + chunk.nbytes <= end):
+                raise self.fail(f"{cctx}: data range lies outside its blob")
+            if end > files[chunk.file]["size"]:
+                raise self.fail(f"{cctx}: blob ends past the end of {chunk.file}")
+            chunks.append(chunk)
+        return TensorEntry(dtype=dtype, shape=shape, chunks=chunks)
+
+    def node(self, node: Any, ctx: str, tensors: dict[str, TensorEntry], depth: int) -> None:
+        if depth > MAX_TREE_DEPTH:
+            raise self.fail(f"{ctx}: nested deeper than {MAX_TREE_DEPTH}")
+        if not isinstance(node, dict) or not isinstance(node.get("t"), str):
+            raise self.fail(f"{ctx}: malformed state node")
+        kind = node["t"]
+        if kind in ("tensor", "ndarray"):
+            if node.get("fqn") not in tensors:
+                raise self.fail(f"{ctx}: tensor {node.get('fqn')!r} is not in 'tensors'")
+        elif kind == "value":
+            if "v" not in node:
+                raise self.fail(f"{ctx}: value node without 'v'")
+        elif kind in ("list", "tuple"):
+            for i, child in enumerate(self.get(node, "items", list, ctx)):
+                self.node(child, f"{ctx}[{i}]", tensors, depth + 1)
+        elif kind == "dict":
+            for item in self.get(node, "items", list, ctx):
+                if (
+                    not isinstance(item, list)
+                    or len(item) != 2
+                    or isinstance(item[0], bool)
+                    or not isinstance(item[0], (str, int))
+                ):
+                    raise self.fail(f"{ctx}: malformed dict item")
+                self.node(item[1], f"{ctx}[{item[0]!r}]", tensors, depth + 1)
+        elif kind == "object":
+            self.node(self.get(node, "sd", dict, ctx), f"{ctx}.state_dict", tensors, depth + 1)
+        else:
+            raise self.fail(f"{ctx}: unknown node type {kind!r}")

@@ -1,0 +1,198 @@
+"""Find committed checkpoints and load the newest valid one in place."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+from . import layout
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
+from .handle import CheckpointInfo
+from .manifest import Manifest
+from .reader import ManifestReader, file_problems
+from .state import plan_load
+from .storage import Storage, storage_for
+
+__all__ = ["list_checkpoints", "resume", "read_manifest", "list_leftovers", "load_checkpoint"]
+
+log = logging.getLogger("asyncckpt")
+
+
+def _root(root: str | os.PathLike[str]) -> str:
+    return os.path.abspath(os.fspath(root)) if "://" not in os.fspath(root) else os.fspath(root)
+
+
+def read_manifest(storage: Storage, step_dir: str) -> Manifest:
+    """The validated manifest of ``step_dir``; CorruptCheckpointError if unusable."""
+    path = layout.join(step_dir, layout.MANIFEST)
+    if not storage.is_regular_file(path):
+        raise CorruptCheckpointError(f"{path} is missing: {step_dir} was never committed")
+    from .manifest import MAX_MANIFEST_BYTES
+
+    if storage.size(path) > MAX_MANIFEST_BYTES:
+        raise CorruptCheckpointError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes")
+    return Manifest.from_json(storage.read_bytes(path), path)
+
+
+def _step_dirs(storage: Storage, root: str) -> list[tuple[int, str]]:
+    out = []
+    for name in storage.listdir(root):
+        step = layout.parse_step(name)
+        if step is not None:
+            out.append((step, layout.join(root, name)))
+    return sorted(out)
+
+
+def _info(m: Manifest, path: str) -> CheckpointInfo:
+    return CheckpointInfo(
+        step=m.step,
+        path=path,
+        time=m.created_at,
+        bytes=m.total_bytes,
+        metrics=dict(m.metrics),
+        world_size=m.world_size,
+    )
+
+
+def list_checkpoints(root: str | os.PathLike[str]) -> list[CheckpointInfo]:
+    """Committed checkpoints under ``root``, oldest first.
+
+    A directory counts only if its manifest parses and names its own step; files are not
+    checksummed here (``asyncckpt verify`` does that).
+    """
+    r = _root(root)
+    storage = storage_for(r)
+    out = []
+    for step, path in _step_dirs(storage, r):
+        try:
+            m = read_manifest(storage, path)
+        except (CorruptCheckpointError, StorageError):
+            continue
+        if m.step == step:
+            out.append(_info(m, path))
+    return out
+
+
+def list_leftovers(root: str | os.PathLike[str]) -> list[str]:
+    """Uncommitted leftovers: temp directories and step directories without a valid manifest."""
+    r = _root(root)
+    storage = storage_for(r)
+    out = [layout.join(r, layout.TMP_DIR, n) for n in storage.listdir(layout.join(r, layout.TMP_DIR))]
+    committed = {c.path for c in list_checkpoints(r)}
+    out += [p for _, p in _step_dirs(storage, r) if p not in committed]
+    return out
+
+
+def load_checkpoint(
+    storage: Storage,
+    step_dir: str,
+    manifest: Manifest,
+    state: dict[str, Any],
+    *,
+    strict: bool = True,
+    exclude: Sequence[str] = (),
+    allow_missing: bool = False,
+) -> None:
+    """Load one validated checkpoint into ``state`` in place (through DCP, so it reshards)."""
+    targets = plan_load(state, manifest, strict=strict, exclude=exclude, allow_missing=allow_missing)
+    if targets.dest:
+        no_dist = not (dist.is_available() and dist.is_initialized())
+        try:
+            dcp.load(
+                targets.dest,
+                storage_reader=ManifestReader(storage, step_dir, manifest),
+                planner=DefaultLoadPlanner(allow_partial_load=True),
+                no_dist=no_dist,
+            )
+        except CheckpointException as e:
+            raise _unwrap(e) from e
+    targets.finalize()
+
+
+def _unwrap(e: CheckpointException) -> BaseException:
+    """DCP wraps every rank's error; surface ours (corruption, storage) as themselves."""
+    for exc, _trace in e.failures.values():
+        if isinstance(exc, (CorruptCheckpointError, StorageError)):
+            return exc
+    for exc, _trace in e.failures.values():
+        return exc
+    return e
+
+
+def resume(
+    root: str | os.PathLike[str],
+    state: dict[str, Any],
+    *,
+    step: int | None = None,
+    strict: bool = True,
+    exclude: Sequence[str] = (),
+    allow_missing: bool = False,
+) -> int | None:
+    """Load the newest valid committed checkpoint under ``root`` into ``state`` in place.
+
+    A checkpoint that is incomplete or corrupt (missing manifest, wrong file size, checksum
+    mismatch) is skipped with a warning naming the bad file, and the previous one is tried.
+    Nothing is unpickled.
+
+    Args:
+        root: the checkpoint root.
+        state: the live state (same shape of dict as given to the checkpointer).
+        step: load exactly this step instead of the newest; CheckpointNotFoundError if absent.
+        strict: fail with StateMismatchError when keys, shapes or dtypes differ.
+        exclude: fqn patterns to leave untouched (e.g. ``["optim"]``).
+        allow_missing: tolerate live keys that the checkpoint lacks.
+
+    Returns:
+        The loaded step, or None when ``root`` holds no checkpoint at all.
+
+    Raises:
+        CorruptCheckpointError: checkpoints exist but none of them is loadable.
+        StateMismatchError: the newest valid checkpoint does not fit the live state.
+    """
+    r = _root(root)
+    storage = storage_for(r)
+    candidates = _step_dirs(storage, r)
+    if step is not None:
+        candidates = [(s, p) for s, p in candidates if s == step]
+        if not candidates:
+            raise CheckpointNotFoundError(f"no checkpoint for step {step} under {r}")
+    if not candidates:
+        return None
+    failures = []
+    for s, path in reversed(candidates):
+        try:
+            manifest = read_manifest(storage, path)
+            if manifest.step != s:
+                raise CorruptCheckpointError(
+                    f"{path}: manifest says step {manifest.step}, directory says {s}"
+                )
+            problems = file_problems(storage, path, manifest)
+            if problems:
+                raise CorruptCheckpointError("; ".join(problems))
+            load_checkpoint(
+                storage, path, manifest, state,
+                strict=strict, exclude=exclude, allow_missing=allow_missing,
+            )  # fmt: skip
+        except (CorruptCheckpointError, StorageError) as e:
+            warnings.warn(
+                f"asyncckpt: skipping step {s}: {str(e).rstrip('.')}. Falling back to an older checkpoint.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            failures.append(f"step {s}: {e}")
+            continue
+        log.info("resumed from step %d (%s)", s, path)
+        return s
+    raise CorruptCheckpointError(
+        f"no loadable checkpoint under {r}; every candidate failed: " + " | ".join(failures)
+        + ". Note that a failed attempt may have partly overwritten the live state. Move the "
+        "damaged step directories away to start fresh."
+    )
