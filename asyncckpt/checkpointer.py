@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from . import layout
 from .errors import (
@@ -29,8 +30,8 @@ from .handle import CheckpointInfo, SaveHandle
 from .resume import _info, list_checkpoints
 from .resume import resume as _resume
 from .staging import StagingPlan, StagingPool, copy_into
-from .state import FlatState, flatten_state, is_stateful
-from .storage import storage_for
+from .state import FlatState, flatten_state
+from .storage import Storage, storage_for
 from .writer import WriteJob, WriteOutcome, encode_metrics, write_and_commit
 
 __all__ = ["AsyncCheckpointer"]
@@ -71,11 +72,13 @@ class AsyncCheckpointer:
             buffer the size of the state's tensors.
         on_busy: ``"wait"`` blocks ``save_async`` until a buffer frees up; ``"skip"`` returns
             None and saves nothing when all buffers are still being written.
-        overlap: return from ``save_async`` as soon as the copy is queued.  Optimizers in
-            ``state`` get a step pre-hook that waits for the copy; call ``wait_staged()``
-            before mutating anything else.
+        overlap: return from ``save_async`` as soon as the copy is queued.  A step pre-hook
+            on every optimizer waits for the copy (on CUDA-only state, the GPU waits, not the
+            CPU); call ``wait_staged()`` before mutating the state any other way.
         write_threads: parallel shard files per save.
         executor: ``"thread"`` (a background writer thread in this process).
+        storage: advanced: the storage backend to write through (default: chosen from
+            ``root``).  Tests pass fault-injecting wrappers here.
 
     Raises:
         ConfigError: an option is invalid.
@@ -92,6 +95,7 @@ class AsyncCheckpointer:
         overlap: bool = False,
         write_threads: int = 1,
         executor: str = "thread",
+        storage: Storage | None = None,
     ) -> None:
         if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
             raise ConfigError(f"root must be a directory path, got {root!r}")
@@ -113,7 +117,7 @@ class AsyncCheckpointer:
         self.on_busy = on_busy
         self.overlap = overlap
         self.write_threads = write_threads
-        self._storage = storage_for(self.root)
+        self._storage: Storage = storage if storage is not None else storage_for(self.root)
         flat = flatten_state(state)  # fail on bad state now, not at step 40,000
 
         self._storage.makedirs(self.root)
@@ -347,11 +351,9 @@ class AsyncCheckpointer:
         self._stager.submit(run)
 
     def _register_hooks(self) -> list[Any]:
-        hooks = []
-        for obj in _walk_objects(self.state):
-            if isinstance(obj, torch.optim.Optimizer):
-                hooks.append(obj.register_step_pre_hook(self._before_optimizer_step))
-        return hooks
+        # A global hook: any optimizer stepping over these parameters mutates them, whether
+        # or not it is part of the checkpointed state.
+        return [register_optimizer_step_pre_hook(self._before_optimizer_step)]
 
     def _before_optimizer_step(self, *_: Any) -> None:
         last = self._last_stage
@@ -473,16 +475,3 @@ def _wait_future(fut: Any, timeout: float | None) -> tuple[bool, None]:
 
     done, _ = concurrent.futures.wait([fut], timeout=timeout)
     return bool(done), None
-
-
-def _walk_objects(obj: Any) -> list[Any]:
-    out = []
-    if isinstance(obj, dict):
-        for v in obj.values():
-            out += _walk_objects(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            out += _walk_objects(v)
-    elif is_stateful(obj):
-        out.append(obj)
-    return out

@@ -106,12 +106,14 @@ def load_checkpoint(
     if targets.dest:
         no_dist = not (dist.is_available() and dist.is_initialized())
         try:
-            dcp.load(
-                targets.dest,
-                storage_reader=ManifestReader(storage, step_dir, manifest),
-                planner=DefaultLoadPlanner(allow_partial_load=True),
-                no_dist=no_dist,
-            )
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+                dcp.load(
+                    targets.dest,
+                    storage_reader=ManifestReader(storage, step_dir, manifest),
+                    planner=DefaultLoadPlanner(allow_partial_load=True),
+                    no_dist=no_dist,
+                )
         except CheckpointException as e:
             raise _unwrap(e) from e
     targets.finalize()

@@ -278,14 +278,16 @@ def plan_load(
             continue
         live_flat = flatten_state({key: value}) if strict else None
         p.walk(node, value.state_dict() if is_stateful(value) and node["t"] == "object" else value, True)
-        # Modules, tensors and containers must match key for key.  Other Stateful objects
-        # (optimizers) may legitimately have no state yet, so only their own
-        # load_state_dict judges them.
+        # A live tensor the checkpoint lacks would silently keep its current value: always a
+        # mismatch.  Extra saved tensors matter for modules (load_state_dict would reject
+        # them); in plain containers they are simply assigned, like plain values.  Other
+        # Stateful objects (optimizers) may have no state yet; their load_state_dict judges.
         if live_flat is not None and (not is_stateful(value) or isinstance(value, torch.nn.Module)):
             saved = {f for f in _tensor_fqns(node) if not p.excluded(f)}
             live_keys = {f for f in live_flat.tensors if not p.excluded(f)}
             p.missing += sorted(live_keys - saved)
-            p.unexpected += sorted(saved - live_keys)
+            if isinstance(value, torch.nn.Module):
+                p.unexpected += sorted(saved - live_keys)
     for key in manifest.state:
         if key not in state and not p.excluded(key):
             p.unexpected.append(key)

@@ -15,7 +15,7 @@ from typing import BinaryIO, Protocol
 
 from .errors import StorageError
 
-__all__ = ["Storage", "LocalStorage", "storage_for"]
+__all__ = ["Storage", "LocalStorage", "storage_for", "wrap_os_error"]
 
 
 class Storage(Protocol):
@@ -37,15 +37,15 @@ class Storage(Protocol):
     def is_regular_file(self, path: str) -> bool: ...
 
 
-def _wrap(op: str, path: str, exc: OSError) -> StorageError:
+def wrap_os_error(op: str, path: str, exc: OSError) -> StorageError:
+    """An OSError as a StorageError that names the operation and path (cause kept by caller)."""
     hint = ""
     if exc.errno == errno.ENOSPC:
         hint = " The disk is full: free space or point the checkpointer at a larger volume."
     elif exc.errno in (errno.EACCES, errno.EPERM):
         hint = " Check the permissions of the checkpoint root."
-    err = StorageError(exc.errno or 0, f"{op} failed for {path}: {exc.strerror or exc}.{hint}")
-    err.filename = path
-    return err
+    # OSError's own formatting appends the path: "[Errno 28] write failed: ...: '/ckpt/...'"
+    return StorageError(exc.errno or 0, f"{op} failed: {exc.strerror or exc}.{hint}", path)
 
 
 class LocalStorage:
@@ -57,19 +57,19 @@ class LocalStorage:
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as e:
-            raise _wrap("mkdir", path, e) from e
+            raise wrap_os_error("mkdir", path, e) from e
 
     def open_write(self, path: str) -> BinaryIO:
         try:
             return open(path, "xb", buffering=0)  # exclusive: never clobber an existing file
         except OSError as e:
-            raise _wrap("open for writing", path, e) from e
+            raise wrap_os_error("open for writing", path, e) from e
 
     def open_read(self, path: str) -> BinaryIO:
         try:
             return open(path, "rb", buffering=0)
         except OSError as e:
-            raise _wrap("open for reading", path, e) from e
+            raise wrap_os_error("open for reading", path, e) from e
 
     def finish_write(self, f: BinaryIO) -> None:
         """Flush and fsync; a file is durable only after this returns."""
@@ -78,7 +78,7 @@ class LocalStorage:
             f.flush()
             os.fsync(f.fileno())
         except OSError as e:
-            raise _wrap("fsync", str(name), e) from e
+            raise wrap_os_error("fsync", str(name), e) from e
         finally:
             f.close()
 
@@ -87,13 +87,13 @@ class LocalStorage:
             with open(path, "rb") as f:
                 return f.read() if limit is None else f.read(limit)
         except OSError as e:
-            raise _wrap("read", path, e) from e
+            raise wrap_os_error("read", path, e) from e
 
     def size(self, path: str) -> int:
         try:
             return os.stat(path).st_size
         except OSError as e:
-            raise _wrap("stat", path, e) from e
+            raise wrap_os_error("stat", path, e) from e
 
     def exists(self, path: str) -> bool:
         return os.path.lexists(path)
@@ -113,7 +113,7 @@ class LocalStorage:
         except FileNotFoundError:
             return []
         except OSError as e:
-            raise _wrap("list", path, e) from e
+            raise wrap_os_error("list", path, e) from e
 
     def rename_dir(self, src: str, dst: str) -> None:
         try:
@@ -121,17 +121,17 @@ class LocalStorage:
                 raise FileExistsError(errno.EEXIST, "destination exists", dst)
             os.rename(src, dst)
         except OSError as e:
-            raise _wrap("rename", f"{src} -> {dst}", e) from e
+            raise wrap_os_error("rename", f"{src} -> {dst}", e) from e
 
     def sync_dir(self, path: str) -> None:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
-            raise _wrap("open directory", path, e) from e
+            raise wrap_os_error("open directory", path, e) from e
         try:
             os.fsync(fd)
         except OSError as e:
-            raise _wrap("fsync directory", path, e) from e
+            raise wrap_os_error("fsync directory", path, e) from e
         finally:
             os.close(fd)
 
@@ -141,7 +141,7 @@ class LocalStorage:
         except FileNotFoundError:
             pass
         except OSError as e:
-            raise _wrap("remove", path, e) from e
+            raise wrap_os_error("remove", path, e) from e
 
 
 def storage_for(root: str) -> LocalStorage:

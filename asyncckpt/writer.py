@@ -9,6 +9,7 @@ blob computed on the fly as the bytes go out.  A stock ``.metadata`` is written 
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -36,7 +37,7 @@ from torch.distributed.checkpoint.metadata import (
 from . import layout
 from .manifest import Chunk, Manifest, TensorEntry, dtype_name
 from .staging import TensorSlot, host_alias
-from .storage import Storage
+from .storage import Storage, wrap_os_error
 
 __all__ = ["WriteJob", "WriteOutcome", "write_and_commit", "write_shards"]
 
@@ -74,10 +75,14 @@ class WriteOutcome:
 class _ChecksumWriter(io.RawIOBase):
     """A write-only stream that tracks its position and a running crc32 of a blob."""
 
-    def __init__(self, raw: BinaryIO) -> None:
+    def __init__(self, raw: BinaryIO, path: str) -> None:
         self.raw = raw
+        self.path = path
         self.pos = 0
         self.crc = 0
+        # torch.save's C++ writer replaces an exception raised here by an opaque
+        # RuntimeError ("unexpected pos"); keep the real one (ENOSPC, EIO) to re-raise.
+        self.error: BaseException | None = None
 
     def writable(self) -> bool:
         return True
@@ -87,11 +92,19 @@ class _ChecksumWriter(io.RawIOBase):
         n = mv.nbytes
         self.crc = zlib.crc32(mv, self.crc)
         done = 0
-        while done < n:
-            w = self.raw.write(mv[done : done + _WRITE_CHUNK])
-            if w is None or w <= 0:
-                raise OSError(f"short write to {getattr(self.raw, 'name', '?')}")
-            done += w
+        try:
+            while done < n:
+                w = self.raw.write(mv[done : done + _WRITE_CHUNK])
+                if w is None or w <= 0:
+                    raise OSError(errno.EIO, "short write")
+                done += w
+        except OSError as e:
+            self.error = wrap_os_error("write", self.path, e)
+            self.error.__cause__ = e
+            raise self.error from e
+        except BaseException as e:
+            self.error = e
+            raise
         self.pos += n
         return n
 
@@ -163,14 +176,19 @@ def _write_file(
     storage: Storage, path: str, name: str, entries: Sequence[TensorSlot], buffer: torch.Tensor
 ) -> tuple[dict[str, Chunk], int]:
     f = storage.open_write(path)
-    w = _ChecksumWriter(f)
+    w = _ChecksumWriter(f, path)
     chunks: dict[str, Chunk] = {}
     rfd = os.open(path, os.O_RDONLY) if hasattr(f, "fileno") else -1
     try:
         for e in entries:
             start = w.pos
             w.crc = 0
-            torch.save(host_alias(buffer, e), w)
+            try:
+                torch.save(host_alias(buffer, e), w)
+            except RuntimeError as exc:
+                if w.error is not None:
+                    raise w.error from exc
+                raise
             length = w.pos - start
             f.flush()
             data_offset = _storage_data_offset(rfd, start, length, e.nbytes)
@@ -247,7 +265,7 @@ def dcp_metadata(
 def _write_small(storage: Storage, path: str, data: bytes) -> dict[str, int]:
     f = storage.open_write(path)
     try:
-        f.write(data)
+        _ChecksumWriter(f, path).write(data)
     except BaseException:
         f.close()
         raise
