@@ -162,10 +162,19 @@ class ManifestReader(StorageReader):
         planner.commit_tensor(req, dest)
 
 
-def file_problems(storage: Storage, directory: str, manifest: Manifest) -> list[str]:
-    """Cheap structural checks: every listed file is a regular file of the recorded size."""
+def shard_files(manifest: Manifest) -> set[str]:
+    """The files a load reads (``.metadata`` is written for stock DCP, never read by us)."""
+    return {c.file for t in manifest.tensors.values() for c in t.chunks}
+
+
+def file_problems(
+    storage: Storage, directory: str, manifest: Manifest, names: set[str] | None = None
+) -> list[str]:
+    """Cheap structural checks: each file (of ``names``, default all) is regular and sized right."""
     problems = []
     for name, info in manifest.files.items():
+        if names is not None and name not in names:
+            continue
         path = layout.join(directory, name)
         if not storage.is_regular_file(path):
             problems.append(f"{path}: missing or not a regular file")

@@ -17,7 +17,7 @@ from . import layout
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from .handle import CheckpointInfo
 from .manifest import Manifest
-from .reader import ManifestReader, file_problems
+from .reader import ManifestReader, file_problems, shard_files
 from .state import plan_load
 from .storage import Storage, storage_for
 
@@ -176,7 +176,7 @@ def resume(
                 raise CorruptCheckpointError(
                     f"{path}: manifest says step {manifest.step}, directory says {s}"
                 )
-            problems = file_problems(storage, path, manifest)
+            problems = file_problems(storage, path, manifest, shard_files(manifest))
             if problems:
                 raise CorruptCheckpointError("; ".join(problems))
             load_checkpoint(
