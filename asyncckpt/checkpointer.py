@@ -133,7 +133,9 @@ class AsyncCheckpointer:
         self._pool: StagingPool | None = None
         self._ensure_pool(flat)
         self._cuda_stream = (
-            torch.cuda.Stream() if torch.cuda.is_available() and self._pool and self._pool.plan.needs_pinned else None
+            torch.cuda.Stream()
+            if torch.cuda.is_available() and self._pool and self._pool.plan.needs_pinned
+            else None
         )
         self._file_pool = ThreadPoolExecutor(write_threads, "asyncckpt-io") if write_threads > 1 else None
         self._stager = ThreadPoolExecutor(1, "asyncckpt-stage") if overlap else None
@@ -142,8 +144,7 @@ class AsyncCheckpointer:
         self._writer.start()
         self._hooks = self._register_hooks() if overlap else []
         self._last_stage: tuple[SaveHandle, torch.cuda.Event | None, bool] | None = None
-        ref = weakref.ref(self)
-        self._atexit = lambda: (c := ref()) is not None and c._close_at_exit()
+        self._atexit = _exit_hook(weakref.ref(self))
         atexit.register(self._atexit)
 
     # ------------------------------------------------------------------ public API
@@ -191,7 +192,11 @@ class AsyncCheckpointer:
         handle = SaveHandle(step)
         with self._lock:
             self._inflight[step] = handle
-        record: dict[str, Any] = {"step": step, "staging_bytes": pool.plan.total_bytes, "slot_wait_s": t_slot - t0}
+        record: dict[str, Any] = {
+            "step": step,
+            "staging_bytes": pool.plan.total_bytes,
+            "slot_wait_s": t_slot - t0,
+        }
         try:
             if self.overlap:
                 self._stage_overlapped(flat, pool, slot, handle, record)
@@ -256,9 +261,14 @@ class AsyncCheckpointer:
         """
         self._check_open()
         self.wait()
-        return _resume(
+        loaded = _resume(
             self.root, self.state, step=step, strict=strict, exclude=exclude, allow_missing=allow_missing
         )
+        if loaded is not None:
+            # Loading often creates state (an optimizer's moments); size the buffers now rather
+            # than inside the next save.
+            self._ensure_pool(flatten_state(self.state))
+        return loaded
 
     def stats(self) -> list[dict[str, Any]]:
         """Per-save timings: stall, staging, queue wait, write and commit seconds, throughput."""
@@ -313,14 +323,18 @@ class AsyncCheckpointer:
         self._pool = StagingPool(plan, self.max_inflight)
         return self._pool
 
-    def _stage(self, flat: FlatState, pool: StagingPool, slot: int, handle: SaveHandle, rec: dict[str, Any]) -> None:
+    def _stage(
+        self, flat: FlatState, pool: StagingPool, slot: int, handle: SaveHandle, rec: dict[str, Any]
+    ) -> None:
         t = time.perf_counter()
         try:
             event = copy_into(pool.views(slot), flat.tensors, self._cuda_stream)
             if event is not None:
                 event.synchronize()
         except Exception as e:
-            raise StagingError(f"copying the state for step {handle.step} into host memory failed: {e}") from e
+            raise StagingError(
+                f"copying the state for step {handle.step} into host memory failed: {e}"
+            ) from e
         rec["staging_s"] = time.perf_counter() - t
         handle.staged.set_result(None)
 
@@ -435,7 +449,11 @@ class AsyncCheckpointer:
         h, err = pending[0]
         h.observed = True
         if len(pending) > 1:
-            log.error("asyncckpt: %d more saves failed: steps %s", len(pending) - 1, [p[0].step for p in pending[1:]])
+            log.error(
+                "asyncckpt: %d more saves failed: steps %s",
+                len(pending) - 1,
+                [p[0].step for p in pending[1:]],
+            )
         raise err
 
     def _check_open(self) -> None:
@@ -475,3 +493,14 @@ def _wait_future(fut: Any, timeout: float | None) -> tuple[bool, None]:
 
     done, _ = concurrent.futures.wait([fut], timeout=timeout)
     return bool(done), None
+
+
+def _exit_hook(ref: weakref.ref[AsyncCheckpointer]) -> Any:
+    """An atexit callback that drains the checkpointer if it is still alive (weakly held)."""
+
+    def hook() -> None:
+        ckpt = ref()
+        if ckpt is not None:
+            ckpt._close_at_exit()
+
+    return hook

@@ -40,9 +40,7 @@ def metadata_from_manifest(manifest: Manifest) -> Metadata:
     md: dict[str, Any] = {}
     for fqn, t in manifest.tensors.items():
         chunks = [ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)) for c in t.chunks]
-        md[fqn] = TensorStorageMetadata(
-            TensorProperties(dtype=t.torch_dtype), torch.Size(t.shape), chunks
-        )
+        md[fqn] = TensorStorageMetadata(TensorProperties(dtype=t.torch_dtype), torch.Size(t.shape), chunks)
     return Metadata(state_dict_metadata=md, storage_meta=StorageMeta())
 
 

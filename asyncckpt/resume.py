@@ -194,7 +194,8 @@ def resume(
         log.info("resumed from step %d (%s)", s, path)
         return s
     raise CorruptCheckpointError(
-        f"no loadable checkpoint under {r}; every candidate failed: " + " | ".join(failures)
+        f"no loadable checkpoint under {r}; every candidate failed: "
+        + " | ".join(failures)
         + ". Note that a failed attempt may have partly overwritten the live state. Move the "
         "damaged step directories away to start fresh."
     )

@@ -44,9 +44,7 @@ class StagingPlan:
     needs_pinned: bool
 
     @classmethod
-    def from_tensors(
-        cls, tensors: Mapping[str, torch.Tensor], signature: tuple[object, ...]
-    ) -> StagingPlan:
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], signature: tuple[object, ...]) -> StagingPlan:
         entries, off = [], 0
         for fqn, t in tensors.items():
             nbytes = t.numel() * t.element_size()

@@ -25,9 +25,7 @@ _PLAIN = (bool, int, float, str, type(None))
 
 def is_stateful(obj: Any) -> bool:
     """Modules, optimizers, schedulers and anything with state_dict()/load_state_dict()."""
-    return callable(getattr(obj, "state_dict", None)) and callable(
-        getattr(obj, "load_state_dict", None)
-    )
+    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
 
 
 @dataclass
@@ -40,9 +38,7 @@ class FlatState:
 
     def signature(self) -> tuple[tuple[str, torch.dtype, tuple[int, ...], str], ...]:
         """What the staging pool depends on: names, dtypes, shapes and devices."""
-        return tuple(
-            (k, t.dtype, tuple(t.shape), t.device.type) for k, t in self.tensors.items()
-        )
+        return tuple((k, t.dtype, tuple(t.shape), t.device.type) for k, t in self.tensors.items())
 
 
 def _where(path: Sequence[str | int]) -> str:
@@ -87,8 +83,8 @@ class _Flattener:
             return {"t": "dict", "items": items}
         if isinstance(value, (list, tuple)):
             kind = "tuple" if isinstance(value, tuple) else "list"
-            items = [self.encode(v, f"{fqn}.{i}", (*path, i)) for i, v in enumerate(value)]
-            return {"t": kind, "items": items}
+            elems = [self.encode(v, f"{fqn}.{i}", (*path, i)) for i, v in enumerate(value)]
+            return {"t": kind, "items": elems}
         if type(value).__module__ == "numpy":
             if hasattr(value, "__array_interface__") and getattr(value, "ndim", 0) > 0:
                 self.add_tensor(torch.from_numpy(value), fqn, path)
@@ -117,8 +113,7 @@ def flatten_state(state: Mapping[str, Any]) -> FlatState:
     for key, value in state.items():
         if not isinstance(key, str) or not key or "." in key:
             raise ConfigError(
-                f"state key {key!r} is invalid: top-level keys must be non-empty strings "
-                "without dots"
+                f"state key {key!r} is invalid: top-level keys must be non-empty strings without dots"
             )
         tree[key] = fl.encode(value, key, (key,))
     return FlatState(tensors=fl.tensors, tree=tree, paths=fl.paths)
@@ -221,9 +216,7 @@ def _decode(node: dict[str, Any], dest: Mapping[str, torch.Tensor], live: Any) -
                 out[k] = v
         return out
     live_l = live if isinstance(live, (list, tuple)) else []
-    items = [
-        _decode(c, dest, live_l[i] if i < len(live_l) else None) for i, c in enumerate(node["items"])
-    ]
+    items = [_decode(c, dest, live_l[i] if i < len(live_l) else None) for i, c in enumerate(node["items"])]
     return tuple(items) if kind == "tuple" else items
 
 

@@ -184,7 +184,7 @@ def _write_file(
             start = w.pos
             w.crc = 0
             try:
-                torch.save(host_alias(buffer, e), w)
+                torch.save(host_alias(buffer, e), w)  # type: ignore[arg-type]
             except RuntimeError as exc:
                 if w.error is not None:
                     raise w.error from exc
@@ -237,9 +237,7 @@ def write_shards(
     return chunks, files
 
 
-def dcp_metadata(
-    tensors: dict[str, TensorEntry], paths: dict[str, tuple[str | int, ...]]
-) -> Metadata:
+def dcp_metadata(tensors: dict[str, TensorEntry], paths: dict[str, tuple[str | int, ...]]) -> Metadata:
     """Stock DCP metadata equivalent to the manifest, so plain ``dcp.load`` works too."""
     from torch.distributed.checkpoint.filesystem import _StorageInfo
 
@@ -250,9 +248,7 @@ def dcp_metadata(
         for i, c in enumerate(t.chunks):
             chunks.append(ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)))
             storage_data[MetadataIndex(fqn, c.offsets, i)] = _StorageInfo(c.file, c.offset, c.length)
-        md[fqn] = TensorStorageMetadata(
-            TensorProperties(dtype=t.torch_dtype), torch.Size(t.shape), chunks
-        )
+        md[fqn] = TensorStorageMetadata(TensorProperties(dtype=t.torch_dtype), torch.Size(t.shape), chunks)
     return Metadata(
         state_dict_metadata=md,
         planner_data={k: paths.get(k, (k,)) for k in tensors},
@@ -292,9 +288,7 @@ def write_and_commit(
     final = layout.join(job.root, layout.step_dirname(job.step))
     storage.makedirs(tmp)
     try:
-        chunks, files = write_shards(
-            storage, tmp, job.entries, job.buffer, job.rank, pool, n_files
-        )
+        chunks, files = write_shards(storage, tmp, job.entries, job.buffer, job.rank, pool, n_files)
         if on_shards_written is not None:
             on_shards_written()  # the staging slot may be reused from here on
         t_written = time.perf_counter()
@@ -303,9 +297,7 @@ def write_and_commit(
             for e in job.entries
         }
         meta = pickle.dumps(dcp_metadata(tensors, job.paths))
-        files[layout.DCP_METADATA] = _write_small(
-            storage, layout.join(tmp, layout.DCP_METADATA), meta
-        )
+        files[layout.DCP_METADATA] = _write_small(storage, layout.join(tmp, layout.DCP_METADATA), meta)
         manifest = Manifest(
             step=job.step,
             world_size=job.world_size,

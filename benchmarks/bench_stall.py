@@ -162,6 +162,7 @@ def bench_dcp_async_reused(state: dict[str, torch.Tensor], reps: int, workdir: s
 def bench_asyncckpt(state: dict[str, torch.Tensor], reps: int, workdir: str, overlap: bool) -> list[float]:
     ckpt = AsyncCheckpointer(workdir, state={"t": state}, max_inflight=1, on_busy="wait", overlap=overlap)
     try:
+
         def rep(i: int, path: str) -> tuple[float, Callable[[], None]]:
             stall, handle = _timed(lambda: ckpt.save_async(i))  # steps 0, 1, 2, ...
 

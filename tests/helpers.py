@@ -46,7 +46,7 @@ def snapshot(obj: Any) -> dict[str, torch.Tensor]:
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys(), (sorted(a.keys() ^ b.keys()))
+    assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())
     for k in a:
         assert a[k].dtype == b[k].dtype, k
         assert a[k].shape == b[k].shape, k

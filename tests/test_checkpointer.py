@@ -24,7 +24,10 @@ from .helpers import FaultyStorage, assert_same, snapshot, tiny_model, train_ste
 
 def _state(n: int = 4, size: int = 257) -> dict:
     g = torch.Generator().manual_seed(0)
-    return {"w": {f"t{i}": torch.randn(size, generator=g) for i in range(n)}, "i": torch.zeros(3, dtype=torch.int64)}
+    return {
+        "w": {f"t{i}": torch.randn(size, generator=g) for i in range(n)},
+        "i": torch.zeros(3, dtype=torch.int64),
+    }
 
 
 @pytest.mark.parametrize("overlap", [False, True])

@@ -11,7 +11,16 @@ from .helpers import assert_same, snapshot, tiny_model, train_steps
 
 
 def _dtypes() -> list[torch.dtype]:
-    out = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool, torch.float64, torch.int8, torch.uint8]
+    out = [
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+        torch.int64,
+        torch.bool,
+        torch.float64,
+        torch.int8,
+        torch.uint8,
+    ]
     out += [getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n)]
     return out
 
@@ -64,7 +73,15 @@ def test_model_adam_scheduler_and_plain_values(root: str) -> None:
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     train_steps(model, opt, 3)
     sched.step()
-    extra = {"epoch": 3, "name": "run7", "ok": True, "none": None, "lr": 0.1, "pair": (1, 2.5), "lst": [1, "x"]}
+    extra = {
+        "epoch": 3,
+        "name": "run7",
+        "ok": True,
+        "none": None,
+        "lr": 0.1,
+        "pair": (1, 2.5),
+        "lst": [1, "x"],
+    }
     state = {"model": model, "optim": opt, "sched": sched, "extra": extra, "rng": torch.get_rng_state()}
     expected = snapshot(state)
     opt_groups = opt.state_dict()["param_groups"]
@@ -75,7 +92,13 @@ def test_model_adam_scheduler_and_plain_values(root: str) -> None:
     opt2 = torch.optim.Adam(model2.parameters(), lr=1.0)  # fresh: no optimizer state yet
     sched2 = torch.optim.lr_scheduler.StepLR(opt2, step_size=2, gamma=0.5)
     extra2: dict = {"epoch": 0}
-    state2 = {"model": model2, "optim": opt2, "sched": sched2, "extra": extra2, "rng": torch.zeros_like(state["rng"])}
+    state2 = {
+        "model": model2,
+        "optim": opt2,
+        "sched": sched2,
+        "extra": extra2,
+        "rng": torch.zeros_like(state["rng"]),
+    }
     assert resume(root, state2, allow_missing=True) == 10
     assert_same(snapshot(state2), expected)
     assert opt2.state_dict()["param_groups"] == opt_groups
