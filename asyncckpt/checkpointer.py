@@ -5,13 +5,11 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import queue
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,13 +24,14 @@ from .errors import (
     WriteError,
     WriterDiedError,
 )
-from .handle import CheckpointInfo, SaveHandle
-from .resume import _info, list_checkpoints
+from .executor import Job, ProcessExecutor, ThreadExecutor
+from .handle import SaveHandle
+from .resume import list_checkpoints
 from .resume import resume as _resume
 from .staging import StagingPlan, StagingPool, copy_into
 from .state import FlatState, flatten_state
 from .storage import Storage, storage_for
-from .writer import WriteJob, WriteOutcome, encode_metrics, write_and_commit
+from .writer import WriteJob, WriteOutcome, encode_metrics
 
 __all__ = ["AsyncCheckpointer"]
 
@@ -48,16 +47,6 @@ def _version() -> str:
         return version("asyncckpt")
     except Exception:
         return "0"
-
-
-@dataclass
-class _Job:
-    write: WriteJob
-    handle: SaveHandle
-    pool: StagingPool
-    slot: int
-    record: dict[str, Any]
-    submitted: float
 
 
 class AsyncCheckpointer:
@@ -76,7 +65,11 @@ class AsyncCheckpointer:
             on every optimizer waits for the copy (on CUDA-only state, the GPU waits, not the
             CPU); call ``wait_staged()`` before mutating the state any other way.
         write_threads: parallel shard files per save.
-        executor: ``"thread"`` (a background writer thread in this process).
+        executor: ``"thread"``: a writer thread in this process; ``"process"``: a persistent
+            spawned writer process, so writing never competes with training for the GIL.
+            The staging buffers then live in shared memory that the writer maps once.
+        restart: with ``executor="process"``, start a fresh writer if it dies.  Saves that
+            were in flight are reported as ``WriterDiedError``, never silently dropped.
         storage: advanced: the storage backend to write through (default: chosen from
             ``root``).  Tests pass fault-injecting wrappers here.
 
@@ -95,6 +88,7 @@ class AsyncCheckpointer:
         overlap: bool = False,
         write_threads: int = 1,
         executor: str = "thread",
+        restart: bool = True,
         storage: Storage | None = None,
     ) -> None:
         if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
@@ -107,8 +101,13 @@ class AsyncCheckpointer:
             raise ConfigError(f"overlap must be True or False, got {overlap!r}")
         if isinstance(write_threads, bool) or not isinstance(write_threads, int) or write_threads < 1:
             raise ConfigError(f"write_threads must be an int >= 1, got {write_threads!r}")
-        if executor != "thread":
-            raise ConfigError(f"executor must be 'thread', got {executor!r}")
+        if executor not in ("thread", "process"):
+            raise ConfigError(f"executor must be 'thread' or 'process', got {executor!r}")
+        if executor == "process" and storage is not None:
+            raise ConfigError(
+                "a custom storage object cannot be used with executor='process': the writer "
+                "process builds its own storage from the root"
+            )
         self.root = os.path.abspath(os.fspath(root))
         if os.path.exists(self.root) and not os.path.isdir(self.root):
             raise ConfigError(f"checkpoint root {self.root} exists and is not a directory")
@@ -130,21 +129,26 @@ class AsyncCheckpointer:
         self._closed = False
         self._version = _version()
 
+        self.executor = executor
+        self._generation = 0
         self._pool: StagingPool | None = None
-        self._ensure_pool(flat)
-        self._cuda_stream = (
-            torch.cuda.Stream()
-            if torch.cuda.is_available() and self._pool and self._pool.plan.needs_pinned
-            else None
+        self._executor: ThreadExecutor | ProcessExecutor | None = None
+        self._ensure_pool(flat)  # allocate (and fault in) the buffers before training starts
+        assert self._pool is not None
+        self._cuda_stream: torch.cuda.Stream | None = (
+            torch.cuda.Stream() if torch.cuda.is_available() and self._pool.plan.needs_pinned else None
         )
-        self._file_pool = ThreadPoolExecutor(write_threads, "asyncckpt-io") if write_threads > 1 else None
-        self._stager = ThreadPoolExecutor(1, "asyncckpt-stage") if overlap else None
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
-        self._writer = threading.Thread(target=self._writer_loop, name="asyncckpt-writer", daemon=True)
-        self._writer.start()
-        self._hooks = self._register_hooks() if overlap else []
+        self._stager: ThreadPoolExecutor | None = (
+            ThreadPoolExecutor(1, "asyncckpt-stage") if overlap else None
+        )
+        if executor == "process":
+            self._executor = ProcessExecutor(self.root, write_threads, self, restart=restart)
+        else:
+            self._executor = ThreadExecutor(self._storage, write_threads, self)
+        self._executor.set_plan(self._pool, self._generation)
+        self._hooks: list[Any] = self._register_hooks() if overlap else []
         self._last_stage: tuple[SaveHandle, torch.cuda.Event | None, bool] | None = None
-        self._atexit = _exit_hook(weakref.ref(self))
+        self._atexit: Callable[[], None] = _exit_hook(weakref.ref(self))
         atexit.register(self._atexit)
 
     # ------------------------------------------------------------------ public API
@@ -207,7 +211,7 @@ class AsyncCheckpointer:
             with self._lock:
                 self._inflight.pop(step, None)
             raise
-        job = WriteJob(
+        write = WriteJob(
             root=self.root,
             step=step,
             entries=pool.plan.entries,
@@ -217,7 +221,8 @@ class AsyncCheckpointer:
             metrics=encoded_metrics,
             library_version=self._version,
         )
-        self._queue.put(_Job(job, handle, pool, slot, record, time.perf_counter()))
+        assert self._executor is not None
+        self._executor.submit(Job(write, handle, pool, slot, self._generation, record))
         record["stall_s"] = time.perf_counter() - t0
         self._stats.append(record)
         return handle
@@ -243,8 +248,8 @@ class AsyncCheckpointer:
                 raise CheckpointTimeoutError(
                     f"step {h.step} was not committed within {timeout}s; storage is slow or stuck"
                 )
-            if not self._writer.is_alive() and not h.committed.done():
-                raise WriterDiedError(f"the writer thread died before step {h.step} committed")
+            if self._executor is not None and not self._executor.alive() and not h.committed.done():
+                raise WriterDiedError(f"the writer died before step {h.step} committed")
         self._raise_pending()
 
     def resume(
@@ -319,8 +324,12 @@ class AsyncCheckpointer:
                 len(flat.tensors),
             )
             self._pool.wait_idle()
+            self._pool.close()
         plan = StagingPlan.from_tensors(flat.tensors, sig)
-        self._pool = StagingPool(plan, self.max_inflight)
+        self._pool = StagingPool(plan, self.max_inflight, shared=self.executor == "process")
+        self._generation += 1
+        if self._executor is not None:
+            self._executor.set_plan(self._pool, self._generation)
         return self._pool
 
     def _stage(
@@ -379,42 +388,42 @@ class AsyncCheckpointer:
         else:
             handle.staged.result()
 
-    # ------------------------------------------------------------------ writer
+    # ------------------------------------------------------------------ executor callbacks
 
-    def _writer_loop(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            self._run_job(job)
+    def released(self, job: Job) -> None:
+        """The shards of ``job`` are written: its staging slot may be reused."""
+        if not job.released:
+            job.released = True
+            job.pool.release(job.slot)
 
-    def _run_job(self, job: _Job) -> None:
+    def failed(self, job: Job, exc: BaseException) -> None:
+        """``job`` is lost: keep the error for the trainer thread."""
+        self.released(job)
+        h = job.handle
+        if isinstance(exc, WriteError):
+            err = exc
+        else:
+            err = WriteError(f"saving step {h.step} to {self.root} failed: {type(exc).__name__}: {exc}")
+            err.__cause__ = exc
+        log.error("asyncckpt: %s", err)
+        with self._lock:
+            self._errors.append((h, err))
+            self._inflight.pop(h.step, None)
+        if not h.staged.done():
+            h.staged.set_exception(err)
+        h.committed.set_exception(err)
+
+    def writer_died(self, exc: BaseException) -> None:
+        """The writer died with nothing in flight: tell the trainer at its next call."""
+        notice = SaveHandle(-1)
+        notice.committed.set_exception(exc)
+        with self._lock:
+            self._errors.append((notice, exc))
+
+    def committed(self, job: Job, out: WriteOutcome) -> None:
+        """``job``'s manifest is durable."""
+        self.released(job)
         h, rec = job.handle, job.record
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                job.pool.release(job.slot)
-
-        try:
-            h.staged.result()
-            rec["queue_wait_s"] = time.perf_counter() - job.submitted
-            out: WriteOutcome = write_and_commit(
-                self._storage, job.write, self._file_pool, self.write_threads, on_shards_written=release
-            )
-        except BaseException as e:
-            release()
-            err = WriteError(f"saving step {h.step} to {self.root} failed: {type(e).__name__}: {e}")
-            err.__cause__ = e
-            log.error("asyncckpt: %s", err)
-            with self._lock:
-                self._errors.append((h, err))
-                self._inflight.pop(h.step, None)
-            h.committed.set_exception(err)
-            return
-        release()
         rec.update(
             write_s=out.write_seconds,
             commit_s=out.commit_seconds,
@@ -428,11 +437,10 @@ class AsyncCheckpointer:
             out.write_seconds,
             rec["throughput_Bps"] / _GIB,
         )
-        info: CheckpointInfo = _info(out.manifest, out.path)
         with self._lock:
             self._committed.add(h.step)
             self._inflight.pop(h.step, None)
-        h.committed.set_result(info)
+        h.committed.set_result(out.info)
 
     # ------------------------------------------------------------------ housekeeping
 
@@ -470,15 +478,15 @@ class AsyncCheckpointer:
         if self._closed:
             return
         self._closed = True
-        self._queue.put(None)
-        self._writer.join()
         for hk in self._hooks:
             hk.remove()
         if self._stager is not None:
             self._stager.shutdown(wait=True)
-        if self._file_pool is not None:
-            self._file_pool.shutdown(wait=True)
-        self._pool = None
+        if self._executor is not None:
+            self._executor.close()
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         atexit.unregister(self._atexit)
 
     def _close_at_exit(self) -> None:

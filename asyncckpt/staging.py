@@ -13,6 +13,7 @@ import ctypes
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -71,19 +72,29 @@ def host_alias(buffer: torch.Tensor, entry: TensorSlot) -> torch.Tensor:
 class StagingPool:
     """``slots`` host buffers laid out by ``plan``, allocated and pre-faulted once."""
 
-    def __init__(self, plan: StagingPlan, slots: int, *, share_memory: bool = False) -> None:
+    def __init__(self, plan: StagingPlan, slots: int, *, shared: bool = False) -> None:
         self.plan = plan
         self.slots = slots
         self._buffers: list[torch.Tensor] = []
+        self._segments: list[Any] = []  # named shared memory, when a writer process maps it
+        size = max(plan.total_bytes, ALIGN)
+        pin = plan.needs_pinned and torch.cuda.is_available()
         try:
             for _ in range(slots):
-                pin = plan.needs_pinned and torch.cuda.is_available()
-                buf = torch.empty(max(plan.total_bytes, ALIGN), dtype=torch.uint8, pin_memory=pin)
-                if share_memory:
-                    buf.share_memory_()
+                if shared:
+                    from multiprocessing import shared_memory
+
+                    seg = shared_memory.SharedMemory(create=True, size=size)
+                    self._segments.append(seg)
+                    buf = torch.frombuffer(seg.buf, dtype=torch.uint8)
+                    if pin:  # page-lock the shared mapping so CUDA copies into it are async
+                        torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), size, 0)
+                else:
+                    buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
                 buf.zero_()  # fault every page in now, not during the first save
                 self._buffers.append(buf)
-        except RuntimeError as e:
+        except (RuntimeError, OSError) as e:
+            self.close()
             raise StagingError(
                 f"could not allocate {slots} x {plan.total_bytes / 2**30:.2f} GiB of host staging "
                 f"memory ({e}); lower max_inflight or free host memory"
@@ -129,6 +140,28 @@ class StagingPool:
     def wait_idle(self, timeout: float | None = None) -> bool:
         with self._cv:
             return self._cv.wait_for(lambda: len(self._free) == self.slots, timeout=timeout)
+
+    def shm_names(self) -> list[str] | None:
+        """Names of the shared-memory segments (one per slot), or None for private memory."""
+        return [seg.name for seg in self._segments] if self._segments else None
+
+    def close(self) -> None:
+        """Free the buffers (unlinking shared memory); the pool is unusable afterwards."""
+        if self._segments and self.plan.needs_pinned and torch.cuda.is_available():
+            for buf in self._buffers:
+                torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+        self._views = []
+        self._buffers = []
+        for seg in self._segments:
+            try:
+                seg.close()
+            except BufferError:  # a tensor still points into it; the unlink below still frees it
+                pass
+            try:
+                seg.unlink()
+            except FileNotFoundError:
+                pass
+        self._segments = []
 
 
 def copy_into(

@@ -9,10 +9,10 @@ blob computed on the fly as the bytes go out.  A stock ``.metadata`` is written 
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import io
 import json
-import os
 import pickle
 import struct
 import time
@@ -35,11 +35,20 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from . import layout
+from .handle import CheckpointInfo
 from .manifest import Chunk, Manifest, TensorEntry, dtype_name
 from .staging import TensorSlot, host_alias
 from .storage import Storage, wrap_os_error
 
-__all__ = ["WriteJob", "WriteOutcome", "write_and_commit", "write_shards"]
+__all__ = [
+    "WriteJob",
+    "WriteOutcome",
+    "WriteAborted",
+    "BlobTemplate",
+    "blob_templates",
+    "write_and_commit",
+    "write_shards",
+]
 
 _WRITE_CHUNK = 64 << 20  # bound single write() calls; large enough for sequential throughput
 
@@ -62,11 +71,9 @@ class WriteJob:
 
 @dataclass
 class WriteOutcome:
-    """What a committed step produced."""
+    """What a committed step produced (small and picklable: it crosses process boundaries)."""
 
-    step: int
-    path: str
-    manifest: Manifest
+    info: CheckpointInfo
     bytes_written: int
     write_seconds: float
     commit_seconds: float
@@ -115,11 +122,49 @@ class _ChecksumWriter(io.RawIOBase):
         self.raw.flush()
 
 
-class _RangeReader(io.RawIOBase):
-    """A read-only view of [start, start+length) of a file descriptor (for zipfile)."""
+_HOLE_MIN = 4096  # writes this large inside torch.save are tensor data, never zip headers
 
-    def __init__(self, fd: int, start: int, length: int) -> None:
-        self.fd, self.start, self.length, self.pos = fd, start, length, 0
+
+class _SparseSink:
+    """Captures what torch.save writes, keeping small writes and only the length of big ones.
+
+    Building a blob template must not hold a second full copy of a multi-GiB tensor: the
+    big writes are the tensor's bytes, which the template does not need.
+    """
+
+    def __init__(self) -> None:
+        self.pos = 0
+        self.segments: list[tuple[int, bytes | int]] = []
+
+    def write(self, b: Any) -> int:
+        mv = memoryview(b).cast("B")
+        n = mv.nbytes
+        self.segments.append((self.pos, n if n >= _HOLE_MIN else mv.tobytes()))
+        self.pos += n
+        return n
+
+    def flush(self) -> None:
+        pass
+
+    def read_range(self, start: int, n: int) -> bytes:
+        out = bytearray(n)
+        for seg_start, data in self.segments:
+            if isinstance(data, int):
+                continue
+            lo, hi = max(start, seg_start), min(start + n, seg_start + len(data))
+            if lo < hi:
+                out[lo - start : hi - start] = data[lo - seg_start : hi - seg_start]
+        return bytes(out)
+
+    def holes(self) -> list[tuple[int, int]]:
+        return [(s, s + d) for s, d in self.segments if isinstance(d, int)]
+
+
+class _SinkReader(io.RawIOBase):
+    """A read-only file view of a ``_SparseSink`` (holes read as zeros), for zipfile."""
+
+    def __init__(self, sink: _SparseSink) -> None:
+        self.sink, self.pos = sink, 0
 
     def readable(self) -> bool:
         return True
@@ -128,37 +173,84 @@ class _RangeReader(io.RawIOBase):
         return True
 
     def seek(self, off: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self.pos, 2: self.length}[whence]
-        self.pos = max(0, base + off)
+        self.pos = max(0, {0: 0, 1: self.pos, 2: self.sink.pos}[whence] + off)
         return self.pos
 
     def tell(self) -> int:
         return self.pos
 
     def read(self, n: int = -1) -> bytes:
-        n = self.length - self.pos if n is None or n < 0 else min(n, self.length - self.pos)
-        data = os.pread(self.fd, n, self.start + self.pos) if n > 0 else b""
+        n = self.sink.pos - self.pos if n is None or n < 0 else min(n, self.sink.pos - self.pos)
+        data = self.sink.read_range(self.pos, max(0, n))
         self.pos += len(data)
         return data
 
 
-def _storage_data_offset(fd: int, start: int, length: int, nbytes: int) -> int:
-    """Absolute file offset of the tensor's raw bytes inside a torch.save blob.
+@dataclass(frozen=True)
+class BlobTemplate:
+    """The bytes ``torch.save`` writes around one tensor's data, for a given dtype and shape.
 
-    The blob is a zip archive; its directory names the storage record.  Reading it back from
-    the page cache costs a few small preads per tensor and keeps us independent of the exact
-    layout torch uses for headers.
+    A shard item is ``prefix + raw tensor bytes + suffix``: a valid ``torch.save`` zip that
+    stock DCP loads.  The zip's crc32 field of the data record is zeroed (torch.load does not
+    require it); asyncckpt's own crc32 covers the whole blob.  Building it once per staging
+    plan turns every later save into three large sequential writes, with no pickling.
     """
-    if nbytes == 0:
-        return start + length
-    with zipfile.ZipFile(_RangeReader(fd, start, length)) as z:
+
+    prefix: bytes
+    suffix: bytes
+
+
+def _zip_data_record(sink: _SparseSink, nbytes: int) -> tuple[int, int, int]:
+    """(local header offset, data offset, central entry offset) of the storage record."""
+    with zipfile.ZipFile(_SinkReader(sink)) as z:
         for info in z.infolist():
             parts = info.filename.split("/")
             if len(parts) == 3 and parts[1] == "data" and info.file_size == nbytes:
-                header = os.pread(fd, 30, start + info.header_offset)
+                header = sink.read_range(info.header_offset, 30)
                 name_len, extra_len = struct.unpack("<HH", header[26:30])
-                return start + info.header_offset + 30 + name_len + extra_len
-    raise RuntimeError("torch.save blob has no storage record of the expected size")
+                data_offset = info.header_offset + 30 + name_len + extra_len
+                central = _central_entry(sink, z.start_dir, info.filename)
+                return info.header_offset, data_offset, central
+    raise RuntimeError("torch.save produced no storage record of the expected size")
+
+
+def _central_entry(sink: _SparseSink, start_dir: int, name: str) -> int:
+    pos = start_dir
+    while True:
+        head = sink.read_range(pos, 46)
+        if struct.unpack_from("<I", head)[0] != 0x02014B50:
+            raise RuntimeError(f"zip central directory entry for {name} not found")
+        n, e, c = struct.unpack_from("<HHH", head, 28)
+        if sink.read_range(pos + 46, n).decode() == name:
+            return pos
+        pos += 46 + n + e + c
+
+
+def blob_template(alias: torch.Tensor) -> BlobTemplate:
+    """Build the template for ``alias``'s dtype and shape from one real ``torch.save``."""
+    nbytes = alias.numel() * alias.element_size()
+    sink = _SparseSink()
+    torch.save(alias, sink)  # type: ignore[arg-type]
+    header, data_offset, central = _zip_data_record(sink, nbytes)
+    if any(lo < data_offset or hi > data_offset + nbytes for lo, hi in sink.holes()):
+        raise RuntimeError("unexpected torch.save layout: a large write outside the data record")
+    prefix = bytearray(sink.read_range(0, data_offset))
+    suffix = bytearray(sink.read_range(data_offset + nbytes, sink.pos - data_offset - nbytes))
+    struct.pack_into("<I", prefix, header + 14, 0)  # local header crc32 of the data record
+    struct.pack_into("<I", suffix, central - data_offset - nbytes + 16, 0)  # central entry crc32
+    return BlobTemplate(bytes(prefix), bytes(suffix))
+
+
+def blob_templates(entries: Sequence[TensorSlot], buffer: torch.Tensor) -> dict[str, BlobTemplate]:
+    """Templates for every entry of a plan (built once per plan, in the writer)."""
+    return {e.fqn: blob_template(host_alias(buffer, e)) for e in entries}
+
+
+def _raw_bytes(buffer: torch.Tensor, e: TensorSlot) -> memoryview:
+    if e.nbytes == 0:
+        return memoryview(b"")
+    raw = (ctypes.c_char * e.nbytes).from_address(buffer.data_ptr() + e.offset)
+    return memoryview(raw).cast("B")
 
 
 def _split(entries: Sequence[TensorSlot], n: int) -> list[list[TensorSlot]]:
@@ -173,41 +265,37 @@ def _split(entries: Sequence[TensorSlot], n: int) -> list[list[TensorSlot]]:
 
 
 def _write_file(
-    storage: Storage, path: str, name: str, entries: Sequence[TensorSlot], buffer: torch.Tensor
+    storage: Storage,
+    path: str,
+    name: str,
+    entries: Sequence[TensorSlot],
+    buffer: torch.Tensor,
+    templates: dict[str, BlobTemplate],
 ) -> tuple[dict[str, Chunk], int]:
     f = storage.open_write(path)
     w = _ChecksumWriter(f, path)
     chunks: dict[str, Chunk] = {}
-    rfd = os.open(path, os.O_RDONLY) if hasattr(f, "fileno") else -1
     try:
         for e in entries:
+            t = templates[e.fqn]
             start = w.pos
             w.crc = 0
-            try:
-                torch.save(host_alias(buffer, e), w)  # type: ignore[arg-type]
-            except RuntimeError as exc:
-                if w.error is not None:
-                    raise w.error from exc
-                raise
-            length = w.pos - start
-            f.flush()
-            data_offset = _storage_data_offset(rfd, start, length, e.nbytes)
+            w.write(t.prefix)
+            w.write(_raw_bytes(buffer, e))
+            w.write(t.suffix)
             chunks[e.fqn] = Chunk(
                 offsets=[0] * len(e.shape),
                 sizes=list(e.shape),
                 file=name,
                 offset=start,
-                length=length,
-                data_offset=data_offset,
+                length=w.pos - start,
+                data_offset=start + len(t.prefix),
                 nbytes=e.nbytes,
                 crc32=w.crc,
             )
     except BaseException:
         f.close()
         raise
-    finally:
-        if rfd >= 0:
-            os.close(rfd)
     storage.finish_write(f)
     return chunks, w.pos
 
@@ -220,11 +308,12 @@ def write_shards(
     rank: int,
     pool: ThreadPoolExecutor | None,
     n_files: int,
+    templates: dict[str, BlobTemplate],
 ) -> tuple[dict[str, Chunk], dict[str, dict[str, int]]]:
     """Write this rank's tensors into ``n_files`` shard files (in parallel on ``pool``)."""
     groups = _split(entries, n_files)
     names = [layout.shard_filename(rank, i) for i in range(len(groups))]
-    args = [(storage, layout.join(directory, n), n, g, buffer) for n, g in zip(names, groups)]
+    args = [(storage, layout.join(directory, n), n, g, buffer, templates) for n, g in zip(names, groups)]
     if pool is not None and len(groups) > 1:
         results = list(pool.map(lambda a: _write_file(*a), args))
     else:
@@ -274,7 +363,9 @@ def write_and_commit(
     job: WriteJob,
     pool: ThreadPoolExecutor | None,
     n_files: int,
+    templates: dict[str, BlobTemplate],
     on_shards_written: Callable[[], None] | None = None,
+    should_abort: Callable[[], bool] | None = None,
 ) -> WriteOutcome:
     """Write ``job`` into a temp directory, then commit it with the manifest written last.
 
@@ -288,9 +379,12 @@ def write_and_commit(
     final = layout.join(job.root, layout.step_dirname(job.step))
     storage.makedirs(tmp)
     try:
-        chunks, files = write_shards(storage, tmp, job.entries, job.buffer, job.rank, pool, n_files)
+        chunks, files = write_shards(
+            storage, tmp, job.entries, job.buffer, job.rank, pool, n_files, templates
+        )
         if on_shards_written is not None:
             on_shards_written()  # the staging slot may be reused from here on
+        _check_abort(should_abort, job.step)
         t_written = time.perf_counter()
         tensors = {
             e.fqn: TensorEntry(dtype=dtype_name(e.dtype), shape=list(e.shape), chunks=[chunks[e.fqn]])
@@ -309,8 +403,10 @@ def write_and_commit(
             library_version=job.library_version,
             torch_version=torch.__version__,
         )
+        _check_abort(should_abort, job.step)
         _write_small(storage, layout.join(tmp, layout.MANIFEST), manifest.to_json())
         storage.sync_dir(tmp)
+        _check_abort(should_abort, job.step)
         storage.rename_dir(tmp, final)
         storage.sync_dir(job.root)
     except BaseException:
@@ -320,14 +416,29 @@ def write_and_commit(
             pass
         raise
     t1 = time.perf_counter()
-    return WriteOutcome(
+    info = CheckpointInfo(
         step=job.step,
         path=final,
-        manifest=manifest,
+        time=manifest.created_at,
+        bytes=manifest.total_bytes,
+        metrics=dict(manifest.metrics),
+        world_size=manifest.world_size,
+    )
+    return WriteOutcome(
+        info=info,
         bytes_written=manifest.total_bytes,
         write_seconds=t1 - t0,
         commit_seconds=t1 - t_written,
     )
+
+
+class WriteAborted(RuntimeError):
+    """The writer was told to stop (its trainer died) before this step was committed."""
+
+
+def _check_abort(should_abort: Callable[[], bool] | None, step: int) -> None:
+    if should_abort is not None and should_abort():
+        raise WriteAborted(f"save of step {step} aborted before commit: the trainer is gone")
 
 
 def encode_metrics(metrics: dict[str, Any] | None) -> dict[str, Any]:

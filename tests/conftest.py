@@ -26,3 +26,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(params=["thread", "process"])
+def executor(request: pytest.FixtureRequest) -> str:
+    """Core behaviour must hold on both executors."""
+    return request.param

@@ -31,11 +31,11 @@ def _state(n: int = 4, size: int = 257) -> dict:
 
 
 @pytest.mark.parametrize("overlap", [False, True])
-def test_mutation_after_save_never_reaches_the_checkpoint(root: str, overlap: bool) -> None:
+def test_mutation_after_save_never_reaches_the_checkpoint(root: str, overlap: bool, executor: str) -> None:
     """Mutate every tensor right after save_async returns (after wait_staged with overlap)."""
     state = _state()
     expected = {}
-    with AsyncCheckpointer(root, state, max_inflight=2, overlap=overlap) as ck:
+    with AsyncCheckpointer(root, state, max_inflight=2, overlap=overlap, executor=executor) as ck:
         for step in range(200):
             ck.save_async(step)
             expected[step] = snapshot(state)  # nothing has changed since the call returned
@@ -50,11 +50,11 @@ def test_mutation_after_save_never_reaches_the_checkpoint(root: str, overlap: bo
         assert_same(snapshot(fresh), expected[step])
 
 
-def test_overlap_optimizer_hook_protects_the_snapshot(root: str) -> None:
+def test_overlap_optimizer_hook_protects_the_snapshot(root: str, executor: str) -> None:
     model = tiny_model(0)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     state = {"model": model}
-    with AsyncCheckpointer(root, state, overlap=True) as ck:
+    with AsyncCheckpointer(root, state, overlap=True, executor=executor) as ck:
         for step in range(20):
             train_steps(model, opt, 0)
             model(torch.randn(4, 8)).sum().backward()
@@ -153,21 +153,21 @@ def test_on_busy_skip_returns_none_and_saves_nothing(root: str) -> None:
     assert any(r.get("skipped") for r in ck.stats())
 
 
-def test_steps_commit_in_order_with_two_buffers(root: str) -> None:
+def test_steps_commit_in_order_with_two_buffers(root: str, executor: str) -> None:
     state = _state()
     committed: list[int] = []
-    with AsyncCheckpointer(root, state, max_inflight=2) as ck:
+    with AsyncCheckpointer(root, state, max_inflight=2, executor=executor) as ck:
         for step in range(30):
             h = ck.save_async(step)
             h.committed.add_done_callback(lambda f: committed.append(f.result().step))
     assert committed == list(range(30))
 
 
-def test_state_change_between_saves_replans_the_pool(root: str) -> None:
+def test_state_change_between_saves_replans_the_pool(root: str, executor: str) -> None:
     model = tiny_model(0)
     opt = torch.optim.Adam(model.parameters())
     state = {"model": model, "optim": opt}
-    with AsyncCheckpointer(root, state) as ck:
+    with AsyncCheckpointer(root, state, executor=executor) as ck:
         ck.save_async(0).result()  # optimizer has no state yet
         pool0 = ck._pool
         train_steps(model, opt, 1)  # now it does: more tensors
@@ -184,13 +184,13 @@ def test_state_change_between_saves_replans_the_pool(root: str) -> None:
     assert_same(snapshot(state2), expected)
 
 
-def test_committed_step_is_never_overwritten(root: str) -> None:
+def test_committed_step_is_never_overwritten(root: str, executor: str) -> None:
     state = _state()
-    with AsyncCheckpointer(root, state) as ck:
+    with AsyncCheckpointer(root, state, executor=executor) as ck:
         ck.save_async(5).result()
         with pytest.raises(StepExistsError, match="step 5"):
             ck.save_async(5)
-    with AsyncCheckpointer(root, state) as ck:  # a new checkpointer knows it too
+    with AsyncCheckpointer(root, state, executor=executor) as ck:  # a new checkpointer knows it too
         with pytest.raises(StepExistsError):
             ck.save_async(5)
 
@@ -221,8 +221,8 @@ def test_bad_state_names_the_key(root: str) -> None:
         AsyncCheckpointer(root, [torch.ones(1)])  # type: ignore[arg-type]
 
 
-def test_bad_step_and_metrics(root: str) -> None:
-    with AsyncCheckpointer(root, _state()) as ck:
+def test_bad_step_and_metrics(root: str, executor: str) -> None:
+    with AsyncCheckpointer(root, _state(), executor=executor) as ck:
         with pytest.raises(ConfigError, match=">= 0"):
             ck.save_async(-1)
         with pytest.raises(TypeError, match="int"):
@@ -253,9 +253,9 @@ def test_disk_errors_name_the_path(root: str) -> None:
     assert os.listdir(os.path.join(root, ".tmp")) == []  # temp files cleaned up
 
 
-def test_resume_method_waits_for_inflight_saves(root: str) -> None:
+def test_resume_method_waits_for_inflight_saves(root: str, executor: str) -> None:
     state = _state()
-    with AsyncCheckpointer(root, state) as ck:
+    with AsyncCheckpointer(root, state, executor=executor) as ck:
         assert ck.resume() is None
         ck.save_async(4)
         expected = snapshot(state)
@@ -265,8 +265,8 @@ def test_resume_method_waits_for_inflight_saves(root: str) -> None:
         assert_same(snapshot(state), expected)
 
 
-def test_stats_and_log_line(root: str, caplog: pytest.LogCaptureFixture) -> None:
-    with AsyncCheckpointer(root, _state()) as ck:
+def test_stats_and_log_line(root: str, caplog: pytest.LogCaptureFixture, executor: str) -> None:
+    with AsyncCheckpointer(root, _state(), executor=executor) as ck:
         ck.save_async(12).result()
         [rec] = ck.stats()
     assert rec["step"] == 12 and rec["stall_s"] > 0 and rec["bytes_written"] > 0

@@ -43,7 +43,7 @@ def _zeroed(obj):
     return obj
 
 
-def test_every_dtype_and_odd_shapes_round_trip(root: str) -> None:
+def test_every_dtype_and_odd_shapes_round_trip(root: str, executor: str) -> None:
     g = torch.Generator().manual_seed(1)
     base = torch.randn(6, 5, generator=g)
     tensors = {f"d{i}": _random((3, 7), dt, g) for i, dt in enumerate(_dtypes())}
@@ -59,7 +59,7 @@ def test_every_dtype_and_odd_shapes_round_trip(root: str) -> None:
     )
     state = {"t": tensors, "nested": {"a": {"b": [torch.ones(2), {"c": torch.arange(3)}]}}}
     expected = snapshot(state)
-    with AsyncCheckpointer(root, state) as ck:
+    with AsyncCheckpointer(root, state, executor=executor) as ck:
         ck.save_async(7).result()
 
     fresh = {"t": _zeroed(tensors), "nested": _zeroed(state["nested"])}
@@ -67,7 +67,7 @@ def test_every_dtype_and_odd_shapes_round_trip(root: str) -> None:
     assert_same(snapshot(fresh), expected)
 
 
-def test_model_adam_scheduler_and_plain_values(root: str) -> None:
+def test_model_adam_scheduler_and_plain_values(root: str, executor: str) -> None:
     model = tiny_model(0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
@@ -85,7 +85,7 @@ def test_model_adam_scheduler_and_plain_values(root: str) -> None:
     state = {"model": model, "optim": opt, "sched": sched, "extra": extra, "rng": torch.get_rng_state()}
     expected = snapshot(state)
     opt_groups = opt.state_dict()["param_groups"]
-    with AsyncCheckpointer(root, state) as ck:
+    with AsyncCheckpointer(root, state, executor=executor) as ck:
         ck.save_async(10, metrics={"loss": 0.5}).result()
 
     model2 = tiny_model(1)
@@ -114,20 +114,20 @@ def test_model_adam_scheduler_and_plain_values(root: str) -> None:
     assert info.step == 10 and info.metrics == {"loss": 0.5} and info.bytes > 0
 
 
-def test_stock_dcp_load_reads_the_tensors(root: str) -> None:
+def test_stock_dcp_load_reads_the_tensors(root: str, executor: str) -> None:
     model = tiny_model(0)
-    with AsyncCheckpointer(root, {"model": model}) as ck:
+    with AsyncCheckpointer(root, {"model": model}, executor=executor) as ck:
         info = ck.save_async(1).result()
     target = {"model": {k: torch.zeros_like(v) for k, v in model.state_dict().items()}}
     dcp.load(target, checkpoint_id=info.path, no_dist=True)
     assert_same({k: v for k, v in target["model"].items()}, dict(model.state_dict()))
 
 
-def test_numpy_arrays_round_trip(root: str) -> None:
+def test_numpy_arrays_round_trip(root: str, executor: str) -> None:
     np = __import__("pytest").importorskip("numpy")
     rs = np.random.RandomState(3)
     state = {"extra": {"np_rng": rs.get_state(), "arr": np.arange(6, dtype=np.int32).reshape(2, 3)}}
-    with AsyncCheckpointer(root, state) as ck:
+    with AsyncCheckpointer(root, state, executor=executor) as ck:
         ck.save_async(0).result()
     state2 = {"extra": {"np_rng": None, "arr": None}}
     assert resume(root, state2) == 0
@@ -137,9 +137,9 @@ def test_numpy_arrays_round_trip(root: str) -> None:
     assert (state2["extra"]["arr"] == state["extra"]["arr"]).all()
 
 
-def test_resume_loads_into_live_parameters_in_place(root: str) -> None:
+def test_resume_loads_into_live_parameters_in_place(root: str, executor: str) -> None:
     model = tiny_model(0)
-    with AsyncCheckpointer(root, {"model": model}) as ck:
+    with AsyncCheckpointer(root, {"model": model}, executor=executor) as ck:
         ck.save_async(1).result()
     model2 = tiny_model(1)
     ptrs = [p.data_ptr() for p in model2.parameters()]
