@@ -171,6 +171,9 @@ class AsyncCheckpointer:
         t0 = time.perf_counter()
         self._check_open()
         self._raise_pending()
+        assert self._executor is not None
+        if (dead := self._executor.failure()) is not None:
+            raise dead
         if isinstance(step, bool) or not isinstance(step, int):
             raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}")
         if step < 0:

@@ -99,6 +99,9 @@ class ThreadExecutor:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def failure(self) -> BaseException | None:
+        return None if self._thread.is_alive() else WriterDiedError("the writer thread has stopped")
+
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join()
@@ -204,6 +207,10 @@ class ProcessExecutor:
 
     def alive(self) -> bool:
         return self._dead is None and self.process.poll() is None
+
+    def failure(self) -> BaseException | None:
+        """The error that ended this executor for good (a dead writer not restarted)."""
+        return self._dead
 
     def close(self) -> None:
         self._closing = True
