@@ -26,11 +26,14 @@ from .errors import (
 )
 from .executor import Job, ProcessExecutor, ThreadExecutor
 from .handle import SaveHandle
+from .policy import EveryNSteps, KeepLast, Never, RetentionPolicy, SaveContext, SavePolicy
 from .resume import list_checkpoints
 from .resume import resume as _resume
+from .retention import Retention
 from .staging import StagingPlan, StagingPool, copy_into
-from .state import FlatState, flatten_state
+from .state import FlatState, flatten_state, select_state
 from .storage import Storage, storage_for
+from .triggers import SaveTriggers
 from .writer import WriteJob, WriteOutcome, encode_metrics
 
 __all__ = ["AsyncCheckpointer"]
@@ -70,6 +73,33 @@ class AsyncCheckpointer:
             The staging buffers then live in shared memory that the writer maps once.
         restart: with ``executor="process"``, start a fresh writer if it dies.  Saves that
             were in flight are reported as ``WriterDiedError``, never silently dropped.
+        save_policy: when to save: a policy from ``asyncckpt.policy`` (``EveryNSteps``,
+            ``EveryNSeconds``, ``PerEpoch``, ``AtSteps``, ``Schedule``, ``Custom``, combined
+            with ``|``), or an int N for every N steps.  None: every ``save_async`` saves.
+        keep: what to keep: a retention policy, a list of them (a checkpoint survives if any
+            keeps it), or an int k for the last k.  None keeps everything.  The newest
+            checkpoint, steps in flight and ``protect()``-ed steps are never deleted.
+        total_steps: the last step of training; ``save_async(total_steps)`` always saves.
+        mode: None, ``"disabled"`` (nothing is written, no thread or process is started,
+            ``resume`` returns None) or ``"final_only"`` (only the final step is saved).
+        save_final: ``close()`` saves the last step passed to ``save_async`` if the policy
+            skipped it, so the end of training is never lost.
+        snapshot_every: also keep a fast rolling tier: every N steps (when no permanent save
+            happens) a snapshot goes to ``root/snapshots``; only the newest
+            ``snapshot_slots`` are kept, and an old one is deleted only after a newer one
+            committed.  ``resume`` considers both tiers.
+        snapshot_slots: how many rolling snapshots to keep (default 2).
+        include: fqn patterns to save (fnmatch or prefix, e.g. ``["model"]``); default all.
+        exclude: fqn patterns to leave out of every save (e.g. ``["optim"]``).
+        model_only: save only the ``nn.Module`` entries of ``state``.
+        save_dtype: cast floating-point tensors to this dtype (``torch.bfloat16`` or
+            ``torch.float16``) in the saved copy; the live state is untouched.
+        save_on_signal: signals (e.g. ``[signal.SIGTERM, signal.SIGUSR1]``) that request a
+            save at the next ``save_async`` call, whatever the policy.  The handler only sets
+            a flag (``signal_received``), so the save happens at a step boundary; the signal
+            no longer terminates the process, so check ``signal_received`` to stop.
+        trigger_file: if this file exists at a ``save_async`` call, that call saves and the
+            file is removed.
         storage: advanced: the storage backend to write through (default: chosen from
             ``root``).  Tests pass fault-injecting wrappers here.
 
@@ -89,6 +119,19 @@ class AsyncCheckpointer:
         write_threads: int = 1,
         executor: str = "thread",
         restart: bool = True,
+        save_policy: SavePolicy | int | None = None,
+        keep: RetentionPolicy | Sequence[RetentionPolicy] | int | None = None,
+        total_steps: int | None = None,
+        mode: str | None = None,
+        save_final: bool = True,
+        snapshot_every: int | None = None,
+        snapshot_slots: int = 2,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+        model_only: bool = False,
+        save_dtype: torch.dtype | None = None,
+        save_on_signal: Sequence[int] = (),
+        trigger_file: str | None = None,
         storage: Storage | None = None,
     ) -> None:
         if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
@@ -108,25 +151,66 @@ class AsyncCheckpointer:
                 "a custom storage object cannot be used with executor='process': the writer "
                 "process builds its own storage from the root"
             )
+        if mode not in (None, "disabled", "final_only"):
+            raise ConfigError(f"mode must be None, 'disabled' or 'final_only', got {mode!r}")
+        self._save_policy = _as_save_policy(save_policy)
+        if mode == "final_only":
+            self._save_policy = Never()
+        self._keep = _as_retention(keep)
+        self.total_steps = _opt_int("total_steps", total_steps, 0)
+        self.snapshot_every = _opt_int("snapshot_every", snapshot_every, 1)
+        if _opt_int("snapshot_slots", snapshot_slots, 1) is None:
+            raise ConfigError("snapshot_slots must be an int >= 1")
+        if save_dtype is not None and save_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ConfigError(
+                f"save_dtype must be torch.bfloat16, torch.float16 or torch.float32, got {save_dtype!r}"
+            )
+        for name, pats in (("include", include or ()), ("exclude", exclude)):
+            if isinstance(pats, str) or not all(isinstance(p, str) for p in pats):
+                raise ConfigError(f"{name} must be a list of fqn patterns such as ['model'], got {pats!r}")
         self.root = os.path.abspath(os.fspath(root))
         if os.path.exists(self.root) and not os.path.isdir(self.root):
             raise ConfigError(f"checkpoint root {self.root} exists and is not a directory")
         self.state = state
+        self.mode = mode
         self.max_inflight = max_inflight
         self.on_busy = on_busy
         self.overlap = overlap
         self.write_threads = write_threads
+        self.save_final = save_final
+        self.save_dtype = save_dtype
+        self._include = list(include) if include is not None else None
+        if model_only:
+            modules = [k for k, v in state.items() if isinstance(v, torch.nn.Module)]
+            if not modules:
+                raise ConfigError("model_only=True but the state holds no nn.Module")
+            self._include = modules if self._include is None else [*self._include, *modules]
+        self._exclude = list(exclude)
+        self._closed = False
+        self._stats: list[dict[str, Any]] = []
+        # (step, metrics, whether a permanent save was attempted) of the last save_async call
+        self._last_seen: tuple[int, dict[str, Any], bool] | None = None
+        self._start_time = time.monotonic()
+        self._last_saved: tuple[int, float] | None = None  # last permanent save: (step, monotonic)
+        flat = self._flatten()  # fail on bad state now, not at step 40,000
+        if mode == "disabled":
+            self._disabled = True  # nothing else: no files, threads or processes
+            return
+        self._disabled = False
         self._storage: Storage = storage if storage is not None else storage_for(self.root)
-        flat = flatten_state(state)  # fail on bad state now, not at step 40,000
+        self._triggers = (
+            SaveTriggers(save_on_signal, trigger_file) if (save_on_signal or trigger_file) else None
+        )
 
         self._storage.makedirs(self.root)
         self._sweep_tmp()
-        self._committed: set[int] = {c.step for c in list_checkpoints(self.root)}
+        existing = list_checkpoints(self.root)
+        self._committed: set[int] = {c.step for c in existing if c.tier == "permanent"}
+        self._snapshots: set[int] = {c.step for c in existing if c.tier == "snapshot"}
+        self._retention = Retention(self._storage, self.root, self._keep, snapshot_slots, existing)
         self._lock = threading.Lock()
         self._inflight: dict[int, SaveHandle] = {}
         self._errors: list[tuple[SaveHandle, BaseException]] = []
-        self._stats: list[dict[str, Any]] = []
-        self._closed = False
         self._version = _version()
 
         self.executor = executor
@@ -156,39 +240,49 @@ class AsyncCheckpointer:
     def save_async(
         self, step: int, metrics: dict[str, Any] | None = None, force: bool = False
     ) -> SaveHandle | None:
-        """Snapshot the state for ``step`` and write it in the background.
+        """Snapshot the state for ``step`` and write it in the background, if it is due.
 
         Returns once the snapshot is in host memory (or, with ``overlap=True``, once the copy
-        is queued).  Returns None if nothing was saved (``on_busy="skip"`` with all buffers
-        busy).  Raises the error of an earlier failed save, as ``WriteError``, if the caller
-        has not seen it yet.
+        is queued).  Returns None if nothing was saved: the save policy skipped this step,
+        the checkpointer is disabled, or ``on_busy="skip"`` found every buffer busy.  Raises
+        the error of an earlier failed save, as ``WriteError``, if the caller has not seen it.
 
         Args:
             step: the training step, an int >= 0 that is not committed yet.
-            metrics: JSON values recorded in the manifest (e.g. ``{"loss": 1.7}``).
-            force: reserved for save policies; a save always happens in this version.
+            metrics: JSON values recorded in the manifest (e.g. ``{"loss": 1.7}``); retention
+                by metric (``KeepBest``) reads them.
+            force: save whatever the policy says.
         """
         t0 = time.perf_counter()
         self._check_open()
-        self._raise_pending()
-        assert self._executor is not None
-        if (dead := self._executor.failure()) is not None:
-            raise dead
         if isinstance(step, bool) or not isinstance(step, int):
             raise TypeError(f"step must be an int, got {type(step).__name__} {step!r}")
         if step < 0:
             raise ConfigError(f"step must be >= 0, got {step}")
         encoded_metrics = encode_metrics(metrics)
+        if self._disabled:
+            return None
+        self._raise_pending()
+        assert self._executor is not None
+        if (dead := self._executor.failure()) is not None:
+            raise dead
+        tier = self._decide(step, encoded_metrics, force, consume=True)
+        self._last_seen = (step, encoded_metrics, tier == "permanent")
+        if tier is None:
+            return None
         with self._lock:
-            if step in self._committed:
+            done = self._committed if tier == "permanent" else self._snapshots
+            if step in done:
                 raise StepExistsError(
                     f"step {step} is already committed at "
-                    f"{layout.join(self.root, layout.step_dirname(step))}; committed checkpoints "
-                    "are never overwritten. Use a new step number or delete that directory"
+                    f"{layout.join(self._tier_root(tier), layout.step_dirname(step))}; committed "
+                    "checkpoints are never overwritten. Use a new step number or delete that directory"
                 )
             if step in self._inflight:
                 raise StepExistsError(f"step {step} is already being saved")
-        flat = flatten_state(self.state)
+        if tier == "permanent":
+            self._last_saved = (step, time.monotonic())
+        flat = self._flatten()
         pool = self._ensure_pool(flat)
         slot = pool.acquire(block=self.on_busy == "wait")
         if slot is None:
@@ -201,6 +295,7 @@ class AsyncCheckpointer:
             self._inflight[step] = handle
         record: dict[str, Any] = {
             "step": step,
+            "tier": tier,
             "staging_bytes": pool.plan.total_bytes,
             "slot_wait_s": t_slot - t0,
         }
@@ -215,7 +310,8 @@ class AsyncCheckpointer:
                 self._inflight.pop(step, None)
             raise
         write = WriteJob(
-            root=self.root,
+            root=self._tier_root(tier),
+            tier=tier,
             step=step,
             entries=pool.plan.entries,
             buffer=pool.buffer(slot),
@@ -230,8 +326,28 @@ class AsyncCheckpointer:
         self._stats.append(record)
         return handle
 
+    def should_save(self, step: int, metrics: dict[str, Any] | None = None) -> bool:
+        """Whether ``save_async(step)`` would save now (permanent or snapshot); no side effects."""
+        if self._disabled or self._closed:
+            return False
+        return self._decide(step, encode_metrics(metrics), False, consume=False) is not None
+
+    def protect(self, step: int) -> None:
+        """Never let retention delete ``step`` (recorded under the root, for later runs too)."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ConfigError(f"protect() takes a step (int >= 0), got {step!r}")
+        if not self._disabled:
+            self._retention.protect(step)
+
+    @property
+    def signal_received(self) -> int | None:
+        """The last signal from ``save_on_signal`` that arrived, or None."""
+        return None if self._disabled or self._triggers is None else self._triggers.signal_received
+
     def wait_staged(self, timeout: float | None = None) -> None:
         """Block until every snapshot in flight is in host memory (the state may then change)."""
+        if self._disabled:
+            return
         for h in self._handles():
             try:
                 h.staged.result(timeout)
@@ -243,6 +359,8 @@ class AsyncCheckpointer:
 
     def wait(self, timeout: float | None = None) -> None:
         """Block until every save in flight is committed; re-raise a background error."""
+        if self._disabled:
+            return
         deadline = None if timeout is None else time.monotonic() + timeout
         for h in self._handles():
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -268,6 +386,8 @@ class AsyncCheckpointer:
         Saves in flight are committed first.  See :func:`asyncckpt.resume` for the options.
         """
         self._check_open()
+        if self._disabled:
+            return None
         self.wait()
         loaded = _resume(
             self.root, self.state, step=step, strict=strict, exclude=exclude, allow_missing=allow_missing
@@ -282,15 +402,30 @@ class AsyncCheckpointer:
         """Per-save timings: stall, staging, queue wait, write and commit seconds, throughput."""
         return [dict(r) for r in self._stats]
 
-    def close(self) -> None:
-        """Drain every save in flight and stop the background threads; idempotent.
+    def close(self, final_step: int | None = None) -> None:
+        """Save the final step if needed, drain every save in flight, stop; idempotent.
+
+        Args:
+            final_step: save this step now unless it is already committed.  Without it, the
+                last step passed to ``save_async`` is saved if the policy skipped it
+                (``save_final=True``, the default).
 
         Raises the error of a failed save the caller has not seen, so a failed final save
         makes the program fail instead of exiting quietly without a checkpoint.
         """
         if self._closed:
             return
+        if self._disabled:
+            self._closed = True
+            return
         try:
+            target = final_step
+            last = self._last_seen
+            if target is None and self.save_final and last is not None and not last[2]:
+                target = last[0]  # the policy skipped the last step: save it now
+            if target is not None and target not in self._committed and target not in self._inflight:
+                metrics = last[1] if last is not None and last[0] == target else None
+                self.save_async(target, metrics=metrics, force=True)
             self.wait()
         finally:
             self._shutdown()
@@ -302,10 +437,11 @@ class AsyncCheckpointer:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is None:
             self.close()
-        else:  # don't mask the original exception with a save error
+        else:  # training failed: drain, but don't save its (possibly broken) last state
+            self.save_final = False
             try:
                 self.close()
-            except Exception as e:
+            except Exception as e:  # don't mask the original exception with a save error
                 log.error("asyncckpt: close() after an exception also failed: %s", e)
 
     def __repr__(self) -> str:
@@ -313,6 +449,40 @@ class AsyncCheckpointer:
             f"AsyncCheckpointer(root={self.root!r}, max_inflight={self.max_inflight}, "
             f"on_busy={self.on_busy!r}, overlap={self.overlap}, inflight={len(self._inflight)})"
         )
+
+    # ------------------------------------------------------------------ decisions
+
+    def _decide(self, step: int, metrics: dict[str, Any], force: bool, consume: bool) -> str | None:
+        """'permanent', 'snapshot' or None for ``step``."""
+        if force or step == self.total_steps:
+            return "permanent"
+        if self._triggers is not None and consume:
+            reason = self._triggers.fired()
+            if reason is not None:
+                log.warning("asyncckpt: saving step %d because of %s", step, reason)
+                return "permanent"
+        ctx = SaveContext(
+            step=step,
+            now=time.monotonic(),
+            last_saved_step=self._last_saved[0] if self._last_saved else None,
+            last_saved_time=self._last_saved[1] if self._last_saved else None,
+            start_time=self._start_time,
+            metrics=metrics,
+        )
+        if self._save_policy is None or self._save_policy.should_save(ctx):
+            return "permanent"
+        if self.snapshot_every is not None and step % self.snapshot_every == 0:
+            return "snapshot"
+        return None
+
+    def _tier_root(self, tier: str) -> str:
+        return self.root if tier == "permanent" else layout.join(self.root, layout.SNAPSHOT_DIR)
+
+    def _flatten(self) -> FlatState:
+        flat = flatten_state(self.state)
+        if self._include is not None or self._exclude:
+            flat = select_state(flat, self._include, self._exclude)
+        return flat
 
     # ------------------------------------------------------------------ staging
 
@@ -328,7 +498,7 @@ class AsyncCheckpointer:
             )
             self._pool.wait_idle()
             self._pool.close()
-        plan = StagingPlan.from_tensors(flat.tensors, sig)
+        plan = StagingPlan.from_tensors(flat.tensors, sig, cast=self.save_dtype)
         self._pool = StagingPool(plan, self.max_inflight, shared=self.executor == "process")
         self._generation += 1
         if self._executor is not None:
@@ -441,7 +611,15 @@ class AsyncCheckpointer:
             rec["throughput_Bps"] / _GIB,
         )
         with self._lock:
-            self._committed.add(h.step)
+            (self._committed if out.info.tier == "permanent" else self._snapshots).add(h.step)
+            in_flight = set(self._inflight) - {h.step}
+        # Retention runs after the commit and before the handle resolves, so a caller that
+        # waited on the save sees the pruned root.
+        self._retention.add(out.info)
+        for tier, step in self._retention.apply(in_flight):
+            with self._lock:
+                (self._committed if tier == "permanent" else self._snapshots).discard(step)
+        with self._lock:
             self._inflight.pop(h.step, None)
         h.committed.set_result(out.info)
 
@@ -472,15 +650,18 @@ class AsyncCheckpointer:
             raise ConfigError("this AsyncCheckpointer is closed; create a new one to save again")
 
     def _sweep_tmp(self) -> None:
-        tmp = layout.join(self.root, layout.TMP_DIR)
-        for name in self._storage.listdir(tmp):
-            if layout.is_tmp_name(name):
-                self._storage.rmtree(layout.join(tmp, name))
+        for tier in ("permanent", "snapshot"):
+            tmp = layout.join(self._tier_root(tier), layout.TMP_DIR)
+            for name in self._storage.listdir(tmp):
+                if layout.is_tmp_name(name):
+                    self._storage.rmtree(layout.join(tmp, name))
 
     def _shutdown(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._triggers is not None:
+            self._triggers.close()
         for hk in self._hooks:
             hk.remove()
         if self._stager is not None:
@@ -515,3 +696,39 @@ def _exit_hook(ref: weakref.ref[AsyncCheckpointer]) -> Any:
             ckpt._close_at_exit()
 
     return hook
+
+
+def _opt_int(name: str, value: Any, minimum: int) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an int >= {minimum} (or None), got {value!r}")
+    return value
+
+
+def _as_save_policy(p: Any) -> SavePolicy | None:
+    if p is None:
+        return None
+    if isinstance(p, int) and not isinstance(p, bool):
+        return EveryNSteps(p)
+    if not isinstance(p, SavePolicy):
+        raise ConfigError(
+            f"save_policy must be a policy such as EveryNSteps(500), an int N for every N "
+            f"steps, or None; got {p!r}"
+        )
+    return p
+
+
+def _as_retention(keep: Any) -> list[RetentionPolicy]:
+    if keep is None:
+        return []
+    if isinstance(keep, int) and not isinstance(keep, bool):
+        return [KeepLast(keep)]
+    items = list(keep) if isinstance(keep, (list, tuple)) else [keep]
+    for k in items:
+        if not isinstance(k, RetentionPolicy):
+            raise ConfigError(
+                f"keep must be a retention policy such as KeepLast(3), a list of them, or an "
+                f"int k for the last k; got {k!r}"
+            )
+    return items

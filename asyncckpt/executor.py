@@ -239,7 +239,18 @@ class ProcessExecutor:
                 continue
             job.record["queue_wait_s"] = time.perf_counter() - job.submitted
             w = job.write
-            msg = ("write", job.generation, job.slot, w.step, w.tree, w.paths, w.metrics, w.library_version)
+            msg = (
+                "write",
+                job.generation,
+                job.slot,
+                w.root,
+                w.step,
+                w.tier,
+                w.tree,
+                w.paths,
+                w.metrics,
+                w.library_version,
+            )
             error: BaseException | None = None
             with self._send_lock:  # never interleaves with a restart or a plan
                 if self._dead is not None:
@@ -368,11 +379,21 @@ def _writer_main(conn_in: Any, conn_out: Any, parent_pid: int, root: str, write_
             buffers = [torch.frombuffer(seg.buf, dtype=torch.uint8) for seg in segments]
             entries = [TensorSlot(f, DTYPES[d], tuple(s), o, n) for f, d, s, o, n in raw_entries]
             continue
-        _, gen, slot, step, tree, paths, metrics, version = msg
+        _, gen, slot, job_root, step, tier, tree, paths, metrics, version = msg
         try:
             if gen != generation:
                 raise RuntimeError(f"plan generation {gen} was never received (have {generation})")
-            job = WriteJob(root, step, entries, buffers[slot], tree, paths, metrics, library_version=version)
+            job = WriteJob(
+                job_root,
+                step,
+                entries,
+                buffers[slot],
+                tree,
+                paths,
+                metrics,
+                library_version=version,
+                tier=tier,
+            )
             out = write_and_commit(
                 storage,
                 job,

@@ -22,6 +22,7 @@ class CheckpointInfo:
         bytes: total size of its files.
         metrics: the metrics passed to ``save_async``.
         world_size: how many ranks wrote it.
+        tier: ``"permanent"``, or ``"snapshot"`` for the rolling snapshot slots.
     """
 
     step: int
@@ -30,6 +31,7 @@ class CheckpointInfo:
     bytes: int
     metrics: dict[str, Any] = field(default_factory=dict)
     world_size: int = 1
+    tier: str = "permanent"
 
 
 class SaveHandle:

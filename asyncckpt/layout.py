@@ -8,6 +8,7 @@ import uuid
 STEP_PREFIX = "step_"
 STEP_DIGITS = 9
 TMP_DIR = ".tmp"
+SNAPSHOT_DIR = "snapshots"
 MANIFEST = "manifest.json"
 DCP_METADATA = ".metadata"
 

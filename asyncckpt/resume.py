@@ -42,16 +42,22 @@ def read_manifest(storage: Storage, step_dir: str) -> Manifest:
     return Manifest.from_json(storage.read_bytes(path), path)
 
 
-def _step_dirs(storage: Storage, root: str) -> list[tuple[int, str]]:
+_TIERS = (("permanent", ""), ("snapshot", layout.SNAPSHOT_DIR))
+
+
+def _step_dirs(storage: Storage, root: str) -> list[tuple[int, str, str]]:
+    """(step, tier, path) of every step directory, oldest first; permanent before snapshot."""
     out = []
-    for name in storage.listdir(root):
-        step = layout.parse_step(name)
-        if step is not None:
-            out.append((step, layout.join(root, name)))
-    return sorted(out)
+    for tier, sub in _TIERS:
+        base = layout.join(root, sub) if sub else root
+        for name in storage.listdir(base):
+            step = layout.parse_step(name)
+            if step is not None:
+                out.append((step, tier, layout.join(base, name)))
+    return sorted(out, key=lambda t: (t[0], t[1] == "permanent"))
 
 
-def _info(m: Manifest, path: str) -> CheckpointInfo:
+def _info(m: Manifest, path: str, tier: str = "permanent") -> CheckpointInfo:
     return CheckpointInfo(
         step=m.step,
         path=path,
@@ -59,6 +65,7 @@ def _info(m: Manifest, path: str) -> CheckpointInfo:
         bytes=m.total_bytes,
         metrics=dict(m.metrics),
         world_size=m.world_size,
+        tier=tier,
     )
 
 
@@ -71,13 +78,13 @@ def list_checkpoints(root: str | os.PathLike[str]) -> list[CheckpointInfo]:
     r = _root(root)
     storage = storage_for(r)
     out = []
-    for step, path in _step_dirs(storage, r):
+    for step, tier, path in _step_dirs(storage, r):
         try:
             m = read_manifest(storage, path)
         except (CorruptCheckpointError, StorageError):
             continue
         if m.step == step:
-            out.append(_info(m, path))
+            out.append(_info(m, path, tier))
     return out
 
 
@@ -85,9 +92,12 @@ def list_leftovers(root: str | os.PathLike[str]) -> list[str]:
     """Uncommitted leftovers: temp directories and step directories without a valid manifest."""
     r = _root(root)
     storage = storage_for(r)
-    out = [layout.join(r, layout.TMP_DIR, n) for n in storage.listdir(layout.join(r, layout.TMP_DIR))]
+    out = []
+    for _, sub in _TIERS:
+        tmp = layout.join(r, sub, layout.TMP_DIR) if sub else layout.join(r, layout.TMP_DIR)
+        out += [layout.join(tmp, n) for n in storage.listdir(tmp)]
     committed = {c.path for c in list_checkpoints(r)}
-    out += [p for _, p in _step_dirs(storage, r) if p not in committed]
+    out += [p for _, _, p in _step_dirs(storage, r) if p not in committed]
     return out
 
 
@@ -140,6 +150,9 @@ def resume(
 ) -> int | None:
     """Load the newest valid committed checkpoint under ``root`` into ``state`` in place.
 
+    Permanent checkpoints and rolling snapshots (``root/snapshots``) are both candidates;
+    for the same step the permanent copy wins.
+
     A checkpoint that is incomplete or corrupt (missing manifest, wrong file size, checksum
     mismatch) is skipped with a warning naming the bad file, and the previous one is tried.
     Nothing is unpickled.
@@ -163,13 +176,13 @@ def resume(
     storage = storage_for(r)
     candidates = _step_dirs(storage, r)
     if step is not None:
-        candidates = [(s, p) for s, p in candidates if s == step]
+        candidates = [c for c in candidates if c[0] == step]
         if not candidates:
             raise CheckpointNotFoundError(f"no checkpoint for step {step} under {r}")
     if not candidates:
         return None
     failures = []
-    for s, path in reversed(candidates):
+    for s, _tier, path in reversed(candidates):  # newest first; permanent before snapshot
         try:
             manifest = read_manifest(storage, path)
             if manifest.step != s:

@@ -22,6 +22,7 @@ from .errors import StagingError
 __all__ = ["TensorSlot", "StagingPlan", "StagingPool", "copy_into", "host_alias"]
 
 ALIGN = 64
+_CASTABLE = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -45,11 +46,20 @@ class StagingPlan:
     needs_pinned: bool
 
     @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor], signature: tuple[object, ...]) -> StagingPlan:
+    def from_tensors(
+        cls,
+        tensors: Mapping[str, torch.Tensor],
+        signature: tuple[object, ...],
+        cast: torch.dtype | None = None,
+    ) -> StagingPlan:
+        """Lay out ``tensors``; with ``cast``, wider floating tensors are staged in that dtype."""
         entries, off = [], 0
         for fqn, t in tensors.items():
-            nbytes = t.numel() * t.element_size()
-            entries.append(TensorSlot(fqn, t.dtype, tuple(t.shape), off, nbytes))
+            dtype = t.dtype
+            if cast is not None and t.dtype in _CASTABLE and t.dtype.itemsize >= cast.itemsize:
+                dtype = cast  # copy_ converts while staging; the live tensor is untouched
+            nbytes = t.numel() * dtype.itemsize
+            entries.append(TensorSlot(fqn, dtype, tuple(t.shape), off, nbytes))
             off += (nbytes + ALIGN - 1) // ALIGN * ALIGN
         pinned = any(t.device.type == "cuda" for t in tensors.values())
         return cls(tuple(entries), off, signature, pinned)

@@ -119,6 +119,45 @@ def flatten_state(state: Mapping[str, Any]) -> FlatState:
     return FlatState(tensors=fl.tensors, tree=tree, paths=fl.paths)
 
 
+def select_state(flat: FlatState, include: Sequence[str] | None, exclude: Sequence[str]) -> FlatState:
+    """Keep only the entries that ``include`` names (None: all) and ``exclude`` does not.
+
+    Patterns are fqn prefixes (``"optim"`` covers ``optim.state.0.exp_avg``) or fnmatch
+    patterns.  Dict entries are selected one by one; a list or tuple is kept or dropped as
+    a whole, so positions never shift.
+    """
+
+    def wanted(fqn: str) -> bool:
+        return (include is None or _matches(fqn, include)) and not _matches(fqn, exclude)
+
+    def reachable(fqn: str) -> bool:  # something below fqn may be wanted
+        if _matches(fqn, exclude):
+            return False
+        return include is None or _matches(fqn, include) or any(p.startswith(fqn + ".") for p in include)
+
+    def prune(node: dict[str, Any], fqn: str) -> dict[str, Any] | None:
+        kind = node["t"]
+        if kind in ("tensor", "ndarray", "value", "list", "tuple"):
+            return node if wanted(fqn) else None
+        if not reachable(fqn):
+            return None
+        if kind == "object":
+            sd = prune(node["sd"], fqn)
+            return None if sd is None else {**node, "sd": sd}
+        items = [[k, c] for k, child in node["items"] if (c := prune(child, f"{fqn}.{k}")) is not None]
+        if not items and node["items"] and not wanted(fqn):
+            return None
+        return {"t": "dict", "items": items}
+
+    tree = {k: n for k, node in flat.tree.items() if (n := prune(node, k)) is not None}
+    kept = set().union(*(_tensor_fqns(n) for n in tree.values())) if tree else set()
+    return FlatState(
+        tensors={k: t for k, t in flat.tensors.items() if k in kept},
+        tree=tree,
+        paths={k: v for k, v in flat.paths.items() if k in kept},
+    )
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -157,6 +196,10 @@ class _Planner:
         if live is not None and live.layout == torch.strided:
             if live.shape == shape and live.dtype == dtype:
                 self.dest[fqn] = live.detach()
+                return
+            if live.shape == shape and live.dtype.is_floating_point and dtype.is_floating_point:
+                # saved with save_dtype (e.g. bf16): load, then copy into the live dtype
+                self.dest[fqn] = torch.empty(shape, dtype=dtype)
                 return
             self.mismatched.append(
                 f"{fqn}: checkpoint {entry.dtype}{list(shape)} vs live "

@@ -67,6 +67,7 @@ class WriteJob:
     rank: int = 0
     world_size: int = 1
     library_version: str = ""
+    tier: str = "permanent"
 
 
 @dataclass
@@ -423,6 +424,7 @@ def write_and_commit(
         bytes=manifest.total_bytes,
         metrics=dict(manifest.metrics),
         world_size=manifest.world_size,
+        tier=job.tier,
     )
     return WriteOutcome(
         info=info,
