@@ -419,6 +419,7 @@ class AsyncCheckpointer:
             self._closed = True
             return
         try:
+            self.wait()  # a snapshot of the final step may still be in flight
             target = final_step
             last = self._last_seen
             if target is None and self.save_final and last is not None and not last[2]:
