@@ -32,7 +32,7 @@ from .resume import resume as _resume
 from .retention import Retention
 from .staging import StagingPlan, StagingPool, copy_into
 from .state import FlatState, flatten_state, select_state
-from .storage import Storage, storage_for
+from .storage import Storage, is_url, storage_for
 from .triggers import SaveTriggers
 from .writer import WriteJob, WriteOutcome, encode_metrics
 
@@ -100,6 +100,9 @@ class AsyncCheckpointer:
             no longer terminates the process, so check ``signal_received`` to stop.
         trigger_file: if this file exists at a ``save_async`` call, that call saves and the
             file is removed.
+        storage_options: fsspec options for a URL root such as ``s3://bucket/run7``
+            (credentials, ``client_kwargs={"endpoint_url": ...}``).  They are redacted
+            wherever they are shown; the writer process builds its own filesystem from them.
         storage: advanced: the storage backend to write through (default: chosen from
             ``root``).  Tests pass fault-injecting wrappers here.
 
@@ -132,6 +135,7 @@ class AsyncCheckpointer:
         save_dtype: torch.dtype | None = None,
         save_on_signal: Sequence[int] = (),
         trigger_file: str | None = None,
+        storage_options: dict[str, Any] | None = None,
         storage: Storage | None = None,
     ) -> None:
         if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
@@ -168,8 +172,8 @@ class AsyncCheckpointer:
         for name, pats in (("include", include or ()), ("exclude", exclude)):
             if isinstance(pats, str) or not all(isinstance(p, str) for p in pats):
                 raise ConfigError(f"{name} must be a list of fqn patterns such as ['model'], got {pats!r}")
-        self.root = os.path.abspath(os.fspath(root))
-        if os.path.exists(self.root) and not os.path.isdir(self.root):
+        self.root = os.fspath(root) if is_url(os.fspath(root)) else os.path.abspath(os.fspath(root))
+        if not is_url(self.root) and os.path.exists(self.root) and not os.path.isdir(self.root):
             raise ConfigError(f"checkpoint root {self.root} exists and is not a directory")
         self.state = state
         self.mode = mode
@@ -197,14 +201,15 @@ class AsyncCheckpointer:
             self._disabled = True  # nothing else: no files, threads or processes
             return
         self._disabled = False
-        self._storage: Storage = storage if storage is not None else storage_for(self.root)
+        self._storage: Storage = storage if storage is not None else storage_for(self.root, storage_options)
         self._triggers = (
             SaveTriggers(save_on_signal, trigger_file) if (save_on_signal or trigger_file) else None
         )
 
         self._storage.makedirs(self.root)
         self._sweep_tmp()
-        existing = list_checkpoints(self.root)
+        existing = list_checkpoints(self.root, storage_options=storage_options)
+        self._storage_options = storage_options
         self._committed: set[int] = {c.step for c in existing if c.tier == "permanent"}
         self._snapshots: set[int] = {c.step for c in existing if c.tier == "snapshot"}
         self._retention = Retention(self._storage, self.root, self._keep, snapshot_slots, existing)
@@ -226,7 +231,9 @@ class AsyncCheckpointer:
             ThreadPoolExecutor(1, "asyncckpt-stage") if overlap else None
         )
         if executor == "process":
-            self._executor = ProcessExecutor(self.root, write_threads, self, restart=restart)
+            self._executor = ProcessExecutor(
+                self.root, write_threads, self, restart=restart, storage_options=storage_options
+            )
         else:
             self._executor = ThreadExecutor(self._storage, write_threads, self)
         self._executor.set_plan(self._pool, self._generation)
@@ -390,7 +397,13 @@ class AsyncCheckpointer:
             return None
         self.wait()
         loaded = _resume(
-            self.root, self.state, step=step, strict=strict, exclude=exclude, allow_missing=allow_missing
+            self.root,
+            self.state,
+            step=step,
+            strict=strict,
+            exclude=exclude,
+            allow_missing=allow_missing,
+            storage_options=self._storage_options,
         )
         if loaded is not None:
             # Loading often creates state (an optimizer's moments); size the buffers now rather
@@ -651,6 +664,8 @@ class AsyncCheckpointer:
             raise ConfigError("this AsyncCheckpointer is closed; create a new one to save again")
 
     def _sweep_tmp(self) -> None:
+        if not self._storage.atomic_rename:
+            return  # object stores: a prefix without a manifest may be another writer's; gc removes it
         for tier in ("permanent", "snapshot"):
             tmp = layout.join(self._tier_root(tier), layout.TMP_DIR)
             for name in self._storage.listdir(tmp):

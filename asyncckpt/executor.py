@@ -140,8 +140,17 @@ class ProcessExecutor:
 
     START_TIMEOUT = 120.0
 
-    def __init__(self, root: str, write_threads: int, cb: Callbacks, *, restart: bool = True) -> None:
+    def __init__(
+        self,
+        root: str,
+        write_threads: int,
+        cb: Callbacks,
+        *,
+        restart: bool = True,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
         self.root = root
+        self._storage_options = storage_options
         self.write_threads = write_threads
         self.cb = cb
         self.restart = restart
@@ -165,10 +174,15 @@ class ProcessExecutor:
         pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p)
+        # The root and options (credentials) go over the pipe, never on the command line.
         cmd = [
-            sys.executable, "-m", "asyncckpt._writer_proc",
-            str(to_child_r), str(from_child_w), str(os.getpid()), self.root, str(self.write_threads),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "asyncckpt._writer_proc",
+            str(to_child_r),
+            str(from_child_w),
+            str(os.getpid()),
+        ]
         try:
             self.process = subprocess.Popen(cmd, pass_fds=(to_child_r, from_child_w), env=env)
         finally:
@@ -176,6 +190,7 @@ class ProcessExecutor:
             os.close(from_child_w)
         self._to_child = Connection(to_child_w, readable=False)
         self._from_child = Connection(from_child_r, writable=False)
+        self._to_child.send(("config", self.root, self.write_threads, self._storage_options))
         if not self._from_child.poll(self.START_TIMEOUT):
             self.process.kill()
             raise WriterDiedError(f"the writer process did not start within {self.START_TIMEOUT:.0f}s")
@@ -184,6 +199,9 @@ class ProcessExecutor:
         except EOFError:
             code = self.process.wait(10)
             raise WriterDiedError(f"the writer process exited during start-up (exit code {code})") from None
+        if msg[0] == "error":
+            self.process.wait(10)
+            raise msg[1]
         if msg[0] != "ready":
             raise WriterDiedError(f"the writer process failed its health check: {msg!r}")
         if self._plan_msg is not None:
@@ -339,14 +357,19 @@ def _parent_watchdog(parent_pid: int, abort: threading.Event) -> None:
             os._exit(0)
 
 
-def _writer_main(conn_in: Any, conn_out: Any, parent_pid: int, root: str, write_threads: int) -> None:
+def _writer_main(conn_in: Any, conn_out: Any, parent_pid: int) -> None:
     """Entry point of the writer process: maps the pool once per plan, writes, reports."""
     from multiprocessing import resource_tracker, shared_memory
 
     torch.set_num_threads(1)  # leave the cores to the trainer
     abort = threading.Event()
     threading.Thread(target=_parent_watchdog, args=(parent_pid, abort), daemon=True).start()
-    storage = storage_for(root)
+    _, root, write_threads, storage_options = conn_in.recv()
+    try:
+        storage = storage_for(root, storage_options)
+    except BaseException as e:
+        conn_out.send(("error", _picklable(e)))
+        return
     files = ThreadPoolExecutor(write_threads) if write_threads > 1 else None
     templates = _TemplateCache()
     segments: list[Any] = []

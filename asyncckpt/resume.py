@@ -69,14 +69,16 @@ def _info(m: Manifest, path: str, tier: str = "permanent") -> CheckpointInfo:
     )
 
 
-def list_checkpoints(root: str | os.PathLike[str]) -> list[CheckpointInfo]:
+def list_checkpoints(
+    root: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
+) -> list[CheckpointInfo]:
     """Committed checkpoints under ``root``, oldest first.
 
     A directory counts only if its manifest parses and names its own step; files are not
     checksummed here (``asyncckpt verify`` does that).
     """
     r = _root(root)
-    storage = storage_for(r)
+    storage = storage_for(r, storage_options)
     out = []
     for step, tier, path in _step_dirs(storage, r):
         try:
@@ -88,15 +90,17 @@ def list_checkpoints(root: str | os.PathLike[str]) -> list[CheckpointInfo]:
     return out
 
 
-def list_leftovers(root: str | os.PathLike[str]) -> list[str]:
+def list_leftovers(
+    root: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
+) -> list[str]:
     """Uncommitted leftovers: temp directories and step directories without a valid manifest."""
     r = _root(root)
-    storage = storage_for(r)
+    storage = storage_for(r, storage_options)
     out = []
     for _, sub in _TIERS:
         tmp = layout.join(r, sub, layout.TMP_DIR) if sub else layout.join(r, layout.TMP_DIR)
         out += [layout.join(tmp, n) for n in storage.listdir(tmp)]
-    committed = {c.path for c in list_checkpoints(r)}
+    committed = {c.path for c in list_checkpoints(r, storage_options=storage_options)}
     out += [p for _, _, p in _step_dirs(storage, r) if p not in committed]
     return out
 
@@ -147,6 +151,7 @@ def resume(
     strict: bool = True,
     exclude: Sequence[str] = (),
     allow_missing: bool = False,
+    storage_options: dict[str, Any] | None = None,
 ) -> int | None:
     """Load the newest valid committed checkpoint under ``root`` into ``state`` in place.
 
@@ -164,6 +169,7 @@ def resume(
         strict: fail with StateMismatchError when keys, shapes or dtypes differ.
         exclude: fqn patterns to leave untouched (e.g. ``["optim"]``).
         allow_missing: tolerate live keys that the checkpoint lacks.
+        storage_options: fsspec options for a URL root (credentials, endpoint).
 
     Returns:
         The loaded step, or None when ``root`` holds no checkpoint at all.
@@ -173,7 +179,7 @@ def resume(
         StateMismatchError: the newest valid checkpoint does not fit the live state.
     """
     r = _root(root)
-    storage = storage_for(r)
+    storage = storage_for(r, storage_options)
     candidates = _step_dirs(storage, r)
     if step is not None:
         candidates = [c for c in candidates if c[0] == step]

@@ -55,7 +55,7 @@ class Retention:
 
     def _load_protected(self) -> set[int]:
         path = self._protected_path()
-        if not os.path.exists(path):
+        if not self.storage.exists(path):
             return set()
         try:
             steps = json.loads(self.storage.read_bytes(path))
@@ -69,12 +69,18 @@ class Retention:
         with self._lock:
             self.protected.add(step)
             data = json.dumps(sorted(self.protected)).encode()
-        tmp = self._protected_path() + f".{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._protected_path())
+        if self.storage.atomic_rename:
+            tmp = self._protected_path() + f".{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._protected_path())
+        else:  # an object PUT replaces atomically
+            self.storage.rmtree(self._protected_path())
+            out = self.storage.open_write(self._protected_path())
+            out.write(data)
+            self.storage.finish_write(out, self._protected_path(), len(data))
 
     def add(self, info: CheckpointInfo) -> None:
         with self._lock:
@@ -109,9 +115,13 @@ class Retention:
         path = layout.join(base, layout.step_dirname(step))
         trash_dir = layout.join(base, layout.TMP_DIR)
         try:
-            self.storage.makedirs(trash_dir)
-            trash = layout.join(trash_dir, layout.tmp_dirname(step))
-            self.storage.rename_dir(path, trash)  # decommit atomically first
+            if self.storage.atomic_rename:
+                self.storage.makedirs(trash_dir)
+                trash = layout.join(trash_dir, layout.tmp_dirname(step))
+                self.storage.rename_dir(path, trash)  # decommit atomically first
+            else:  # object store: removing the manifest decommits the step
+                self.storage.rmtree(layout.join(path, layout.MANIFEST))
+                trash = path
             with self._lock:
                 self._records.pop((tier, step), None)
                 self._failed.discard((tier, step))

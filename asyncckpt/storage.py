@@ -11,22 +11,31 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from .errors import StorageError
 
-__all__ = ["Storage", "LocalStorage", "storage_for", "wrap_os_error"]
+__all__ = ["Storage", "LocalStorage", "FsspecStorage", "storage_for", "wrap_os_error", "redact", "is_url"]
 
 
 class Storage(Protocol):
-    """What the writer, reader and retention need from a storage backend."""
+    """What the writer, reader and retention need from a storage backend.
+
+    ``atomic_rename`` says how a step commits: by renaming a finished temp directory
+    (POSIX), or, on object stores that have no rename, by writing ``manifest.json`` last
+    under the step's own prefix.  ``retries`` is how often a whole file write is retried
+    after a transient error (the data is still in the staging buffer).
+    """
 
     atomic_rename: bool
+    retries: int
 
     def makedirs(self, path: str) -> None: ...
     def open_write(self, path: str) -> BinaryIO: ...
     def open_read(self, path: str) -> BinaryIO: ...
-    def finish_write(self, f: BinaryIO) -> None: ...
+    def finish_write(self, f: BinaryIO, path: str = "", size: int | None = None) -> None: ...
+    def abort_write(self, f: BinaryIO) -> None: ...
+    def is_transient(self, exc: BaseException) -> bool: ...
     def read_bytes(self, path: str, limit: int | None = None) -> bytes: ...
     def size(self, path: str) -> int: ...
     def exists(self, path: str) -> bool: ...
@@ -52,6 +61,7 @@ class LocalStorage:
     """A local POSIX filesystem; commits by renaming a finished temp directory."""
 
     atomic_rename = True
+    retries = 0
 
     def makedirs(self, path: str) -> None:
         try:
@@ -71,9 +81,9 @@ class LocalStorage:
         except OSError as e:
             raise wrap_os_error("open for reading", path, e) from e
 
-    def finish_write(self, f: BinaryIO) -> None:
+    def finish_write(self, f: BinaryIO, path: str = "", size: int | None = None) -> None:
         """Flush and fsync; a file is durable only after this returns."""
-        name = getattr(f, "name", "?")
+        name = path or getattr(f, "name", "?")
         try:
             f.flush()
             os.fsync(f.fileno())
@@ -81,6 +91,12 @@ class LocalStorage:
             raise wrap_os_error("fsync", str(name), e) from e
         finally:
             f.close()
+
+    def abort_write(self, f: BinaryIO) -> None:
+        f.close()
+
+    def is_transient(self, exc: BaseException) -> bool:
+        return False
 
     def read_bytes(self, path: str, limit: int | None = None) -> bytes:
         try:
@@ -144,13 +160,203 @@ class LocalStorage:
             raise wrap_os_error("remove", path, e) from e
 
 
-def storage_for(root: str) -> LocalStorage:
-    """The storage backend for ``root`` (local paths in this version)."""
-    if "://" in root and not root.startswith("file://"):
-        from .errors import ConfigError
+_SECRET_KEYS = (
+    "key",
+    "secret",
+    "token",
+    "password",
+    "session_token",
+    "aws_access_key_id",
+    "aws_secret_access_key",
+    "aws_session_token",
+    "access_key",
+    "secret_key",
+    "sas_token",
+)
 
-        raise ConfigError(
-            f"checkpoint root {root!r} is a URL; this version supports local paths only. "
-            "Pass a local directory."
-        )
+
+def redact(options: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of storage options safe to show: every credential-like value is ``***``."""
+    out: dict[str, Any] = {}
+    for k, v in (options or {}).items():
+        if isinstance(v, dict):
+            out[k] = redact(v)
+        elif any(s in k.lower() for s in _SECRET_KEYS):
+            out[k] = "***"
+        else:
+            out[k] = v
+    return out
+
+
+def _secrets(options: dict[str, Any] | None) -> list[str]:
+    found: list[str] = []
+    for k, v in (options or {}).items():
+        if isinstance(v, dict):
+            found += _secrets(v)
+        elif isinstance(v, str) and v and any(s in k.lower() for s in _SECRET_KEYS):
+            found.append(v)
+    return found
+
+
+# Words in the errors s3fs/botocore/aiohttp raise for conditions worth retrying: throttling,
+# 5xx, connection resets and timeouts.  Access denied and missing buckets are not among them.
+_TRANSIENT_WORDS = (
+    "throttl", "slowdown", "slow down", "timeout", "timed out", "connection reset",
+    "connectionreset", "internalerror", "internal error", "serviceunavailable",
+    "service unavailable", "bad gateway", "requesttimeout", "broken pipe", "server disconnected",
+)  # fmt: skip
+
+
+class FsspecStorage:
+    """Any fsspec filesystem (``s3://``, ``gs://``, ``memory://`` ...) behind the same interface.
+
+    Object stores have no atomic rename, so a step commits when its ``manifest.json`` is
+    written, after every shard upload has been confirmed (closed and its size checked).
+    Credentials live only in the filesystem object; they are redacted from every message.
+    """
+
+    atomic_rename = False
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        block_size: int = 64 << 20,
+        retries: int = 3,
+    ) -> None:
+        import fsspec
+
+        self.url = url
+        self.protocol = url.split("://", 1)[0]
+        self.block_size = block_size
+        self.retries = retries
+        self._secrets = _secrets(storage_options)
+        self._shown = redact(storage_options)
+        try:
+            self.fs = fsspec.filesystem(self.protocol, **(storage_options or {}))
+        except ImportError as e:
+            from .errors import ConfigError
+
+            raise ConfigError(
+                f"no fsspec backend for {self.protocol}:// ({e}); install it, e.g. "
+                "`pip install asyncckpt[s3]` for s3://"
+            ) from e
+
+    def __repr__(self) -> str:
+        return f"FsspecStorage({self.protocol}://, options={self._shown})"
+
+    def _clean(self, text: str) -> str:
+        for s in self._secrets:
+            text = text.replace(s, "***")
+        return text
+
+    def _wrap(self, op: str, path: str, exc: BaseException) -> StorageError:
+        if isinstance(exc, StorageError):
+            return exc
+        code = getattr(exc, "errno", None) or 0
+        if isinstance(exc, PermissionError):
+            code, hint = errno.EACCES, " Access denied: check the credentials and the bucket policy."
+        elif isinstance(exc, FileNotFoundError):
+            code, hint = errno.ENOENT, " Not found: check that the bucket exists."
+        else:
+            hint = " Retried and still failing; check the store." if self.is_transient(exc) else ""
+        msg = self._clean(f"{op} failed: {type(exc).__name__}: {exc}.{hint}")
+        return StorageError(code, msg, self._clean(path))
+
+    def _call(self, op: str, path: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise self._wrap(op, path, e) from None
+
+    def is_transient(self, exc: BaseException) -> bool:
+        if isinstance(exc, (PermissionError, FileNotFoundError, FileExistsError)):
+            return False
+        if isinstance(exc, (TimeoutError, ConnectionError)):
+            return True
+        text = f"{type(exc).__name__} {exc}".lower()
+        return any(w in text for w in _TRANSIENT_WORDS)
+
+    def makedirs(self, path: str) -> None:
+        self._call("mkdir", path, self.fs.makedirs, path, exist_ok=True)
+
+    def open_write(self, path: str) -> BinaryIO:
+        return self._call("open for writing", path, self.fs.open, path, "wb", block_size=self.block_size)
+
+    def finish_write(self, f: BinaryIO, path: str = "", size: int | None = None) -> None:
+        """Close (completing the upload) and confirm the object's size."""
+        path = path or str(getattr(f, "path", "?"))
+        self._call("upload", path, f.close)
+        if size is not None:
+            self.fs.invalidate_cache(path)
+            actual = self._call("stat", path, self.fs.size, path)
+            if actual != size:
+                raise StorageError(
+                    errno.EIO, f"upload incomplete: {actual} bytes stored, {size} written", path
+                )
+
+    def abort_write(self, f: BinaryIO) -> None:
+        """Abandon an upload (aborts a multipart upload instead of completing it)."""
+        try:
+            discard = getattr(f, "discard", None)
+            if discard is not None:
+                discard()
+            else:
+                f.close()
+        except Exception:
+            pass
+
+    def open_read(self, path: str) -> BinaryIO:
+        return self._call("open for reading", path, self.fs.open, path, "rb", block_size=self.block_size)
+
+    def read_bytes(self, path: str, limit: int | None = None) -> bytes:
+        return self._call("read", path, self.fs.cat_file, path, start=0, end=limit)
+
+    def size(self, path: str) -> int:
+        return int(self._call("stat", path, self.fs.size, path))
+
+    def exists(self, path: str) -> bool:
+        return bool(self._call("stat", path, self.fs.exists, path))
+
+    def is_regular_file(self, path: str) -> bool:
+        try:
+            return bool(self.fs.isfile(path))
+        except Exception:
+            return False
+
+    def listdir(self, path: str) -> list[str]:
+        self.fs.invalidate_cache(path)
+        try:
+            entries = self.fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+        except Exception as e:
+            raise self._wrap("list", path, e) from None
+        return sorted({str(p).rstrip("/").rsplit("/", 1)[-1] for p in entries})
+
+    def rename_dir(self, src: str, dst: str) -> None:
+        raise StorageError(errno.ENOTSUP, "object stores have no atomic rename", src)
+
+    def sync_dir(self, path: str) -> None:
+        pass  # a confirmed upload is durable
+
+    def rmtree(self, path: str) -> None:
+        try:
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+        except Exception as e:
+            raise self._wrap("remove", path, e) from None
+        self.fs.invalidate_cache(path)
+
+
+def is_url(root: str) -> bool:
+    return "://" in root and not root.startswith("file://")
+
+
+def storage_for(root: str, storage_options: dict[str, Any] | None = None) -> Storage:
+    """The storage backend for ``root``: local paths, or any fsspec URL."""
+    if is_url(root):
+        return FsspecStorage(root, storage_options)
     return LocalStorage()

@@ -295,10 +295,23 @@ def _write_file(
                 crc32=w.crc,
             )
     except BaseException:
-        f.close()
+        storage.abort_write(f)  # an object store aborts the multipart upload
         raise
-    storage.finish_write(f)
+    storage.finish_write(f, path, w.pos)
     return chunks, w.pos
+
+
+def _write_file_retrying(storage: Storage, *args: Any) -> tuple[dict[str, Chunk], int]:
+    """``_write_file``, retried with backoff on transient errors (the slot still holds the data)."""
+    for attempt in range(storage.retries + 1):
+        try:
+            return _write_file(storage, *args)
+        except Exception as e:
+            cause = e.__cause__ if e.__cause__ is not None else e
+            if attempt == storage.retries or not storage.is_transient(cause):
+                raise
+            time.sleep(min(8.0, 0.2 * 2**attempt))
+    raise AssertionError("unreachable")
 
 
 def write_shards(
@@ -316,9 +329,9 @@ def write_shards(
     names = [layout.shard_filename(rank, i) for i in range(len(groups))]
     args = [(storage, layout.join(directory, n), n, g, buffer, templates) for n, g in zip(names, groups)]
     if pool is not None and len(groups) > 1:
-        results = list(pool.map(lambda a: _write_file(*a), args))
+        results = list(pool.map(lambda a: _write_file_retrying(*a), args))
     else:
-        results = [_write_file(*a) for a in args]
+        results = [_write_file_retrying(*a) for a in args]
     chunks: dict[str, Chunk] = {}
     files: dict[str, dict[str, int]] = {}
     for name, (c, size) in zip(names, results):
@@ -353,9 +366,9 @@ def _write_small(storage: Storage, path: str, data: bytes) -> dict[str, int]:
     try:
         _ChecksumWriter(f, path).write(data)
     except BaseException:
-        f.close()
+        storage.abort_write(f)
         raise
-    storage.finish_write(f)
+    storage.finish_write(f, path, len(data))
     return {"size": len(data), "crc32": zlib.crc32(data)}
 
 
@@ -368,16 +381,26 @@ def write_and_commit(
     on_shards_written: Callable[[], None] | None = None,
     should_abort: Callable[[], bool] | None = None,
 ) -> WriteOutcome:
-    """Write ``job`` into a temp directory, then commit it with the manifest written last.
+    """Write ``job`` and commit it with the manifest written last.
 
-    Commit order: shards fsynced, ``.metadata``, ``manifest.json`` fsynced, temp directory
-    fsynced and renamed to its final name, root fsynced.  A crash at any point before the
-    rename leaves only a temp directory, which is never read and is swept at start.
+    POSIX (``storage.atomic_rename``): shards fsynced, ``.metadata``, ``manifest.json``
+    fsynced, temp directory fsynced and renamed to its final name, root fsynced.  A crash
+    before the rename leaves only a temp directory, which is never read and is swept at start.
+
+    Object stores: everything is uploaded under the step's own prefix and ``manifest.json``
+    goes last, only after every other upload was confirmed.  A crash before it leaves a
+    prefix without a manifest, which readers ignore and ``asyncckpt gc`` removes.
     """
     t0 = time.perf_counter()
-    tmp_root = layout.join(job.root, layout.TMP_DIR)
-    tmp = layout.join(tmp_root, layout.tmp_dirname(job.step))
     final = layout.join(job.root, layout.step_dirname(job.step))
+    if storage.atomic_rename:
+        tmp = layout.join(job.root, layout.TMP_DIR, layout.tmp_dirname(job.step))
+    else:
+        tmp = final
+        if storage.exists(layout.join(final, layout.MANIFEST)):
+            from .errors import StepExistsError
+
+            raise StepExistsError(f"step {job.step} is already committed at {final}")
     storage.makedirs(tmp)
     try:
         chunks, files = write_shards(
@@ -406,10 +429,11 @@ def write_and_commit(
         )
         _check_abort(should_abort, job.step)
         _write_small(storage, layout.join(tmp, layout.MANIFEST), manifest.to_json())
-        storage.sync_dir(tmp)
-        _check_abort(should_abort, job.step)
-        storage.rename_dir(tmp, final)
-        storage.sync_dir(job.root)
+        if storage.atomic_rename:
+            storage.sync_dir(tmp)
+            _check_abort(should_abort, job.step)
+            storage.rename_dir(tmp, final)
+            storage.sync_dir(job.root)
     except BaseException:
         try:
             storage.rmtree(tmp)

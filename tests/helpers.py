@@ -116,9 +116,12 @@ class FaultyStorage(LocalStorage):
         self._maybe_fail("open_write")
         return _FaultyFile(super().open_write(path), self.budget, self.err)
 
-    def finish_write(self, f: Any) -> None:
+    def finish_write(self, f: Any, path: str = "", size: int | None = None) -> None:
         self._maybe_fail("finish_write")
-        super().finish_write(f.f if isinstance(f, _FaultyFile) else f)
+        super().finish_write(f.f if isinstance(f, _FaultyFile) else f, path, size)
+
+    def abort_write(self, f: Any) -> None:
+        super().abort_write(f.f if isinstance(f, _FaultyFile) else f)
 
     def rename_dir(self, src: str, dst: str) -> None:
         self._maybe_fail("rename_dir")
