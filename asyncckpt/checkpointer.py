@@ -27,8 +27,7 @@ from .errors import (
 from .executor import Job, ProcessExecutor, ThreadExecutor
 from .handle import SaveHandle
 from .policy import EveryNSteps, KeepLast, Never, RetentionPolicy, SaveContext, SavePolicy
-from .resume import list_checkpoints
-from .resume import resume as _resume
+from .resume import list_in, resume_in
 from .retention import Retention
 from .staging import StagingPlan, StagingPool, copy_into
 from .state import FlatState, flatten_state, select_state
@@ -207,9 +206,10 @@ class AsyncCheckpointer:
         )
 
         self._storage.makedirs(self.root)
+        if (check := getattr(self._storage, "check_root", None)) is not None:
+            check(self.root)  # a missing bucket fails now, not at the first save
         self._sweep_tmp()
-        existing = list_checkpoints(self.root, storage_options=storage_options)
-        self._storage_options = storage_options
+        existing = list_in(self._storage, self.root)
         self._committed: set[int] = {c.step for c in existing if c.tier == "permanent"}
         self._snapshots: set[int] = {c.step for c in existing if c.tier == "snapshot"}
         self._retention = Retention(self._storage, self.root, self._keep, snapshot_slots, existing)
@@ -396,14 +396,14 @@ class AsyncCheckpointer:
         if self._disabled:
             return None
         self.wait()
-        loaded = _resume(
+        loaded = resume_in(
+            self._storage,
             self.root,
             self.state,
             step=step,
             strict=strict,
             exclude=exclude,
             allow_missing=allow_missing,
-            storage_options=self._storage_options,
         )
         if loaded is not None:
             # Loading often creates state (an optimizer's moments); size the buffers now rather

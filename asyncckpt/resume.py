@@ -78,7 +78,11 @@ def list_checkpoints(
     checksummed here (``asyncckpt verify`` does that).
     """
     r = _root(root)
-    storage = storage_for(r, storage_options)
+    return list_in(storage_for(r, storage_options), r)
+
+
+def list_in(storage: Storage, r: str) -> list[CheckpointInfo]:
+    """``list_checkpoints`` through an existing storage backend."""
     out = []
     for step, tier, path in _step_dirs(storage, r):
         try:
@@ -179,7 +183,28 @@ def resume(
         StateMismatchError: the newest valid checkpoint does not fit the live state.
     """
     r = _root(root)
-    storage = storage_for(r, storage_options)
+    return resume_in(
+        storage_for(r, storage_options),
+        r,
+        state,
+        step=step,
+        strict=strict,
+        exclude=exclude,
+        allow_missing=allow_missing,
+    )
+
+
+def resume_in(
+    storage: Storage,
+    r: str,
+    state: dict[str, Any],
+    *,
+    step: int | None = None,
+    strict: bool = True,
+    exclude: Sequence[str] = (),
+    allow_missing: bool = False,
+) -> int | None:
+    """``resume`` through an existing storage backend."""
     candidates = _step_dirs(storage, r)
     if step is not None:
         candidates = [c for c in candidates if c[0] == step]

@@ -9,6 +9,7 @@ only ever talk to this interface.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 from typing import Any, BinaryIO, Protocol
@@ -188,6 +189,40 @@ def redact(options: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+_REDACTED: set[str] = set()
+
+
+def _install_log_redaction(secrets: list[str]) -> None:
+    """Redact ``secrets`` from every log record of the process, whichever library logs it.
+
+    botocore's DEBUG logging prints request headers (the access key id) and more; a filter on
+    one logger would not reach its children, so the record factory is wrapped instead.  It
+    costs one ``getMessage()`` per record, only once a secret has been registered.
+    """
+    new = [s for s in secrets if len(s) >= 4 and s not in _REDACTED]
+    if not new:
+        return
+    first = not _REDACTED
+    _REDACTED.update(new)
+    if not first:
+        return
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        try:
+            text = record.getMessage()
+        except Exception:
+            return record
+        if any(s in text for s in _REDACTED):
+            for s in _REDACTED:
+                text = text.replace(s, "***")
+            record.msg, record.args = text, None
+        return record
+
+    logging.setLogRecordFactory(factory)
+
+
 def _secrets(options: dict[str, Any] | None) -> list[str]:
     found: list[str] = []
     for k, v in (options or {}).items():
@@ -233,6 +268,7 @@ class FsspecStorage:
         self.retries = retries
         self._secrets = _secrets(storage_options)
         self._shown = redact(storage_options)
+        _install_log_redaction(self._secrets)
         try:
             self.fs = fsspec.filesystem(self.protocol, **(storage_options or {}))
         except ImportError as e:
@@ -278,8 +314,25 @@ class FsspecStorage:
         text = f"{type(exc).__name__} {exc}".lower()
         return any(w in text for w in _TRANSIENT_WORDS)
 
+    _OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2")
+
     def makedirs(self, path: str) -> None:
+        if self.protocol in self._OBJECT_STORES:
+            return  # prefixes need no creating; makedirs would try to create the bucket
         self._call("mkdir", path, self.fs.makedirs, path, exist_ok=True)
+
+    def check_root(self, root: str) -> None:
+        """Fail early, naming the bucket, if the root's bucket is missing or not ours to see."""
+        if self.protocol not in self._OBJECT_STORES:
+            return
+        bucket = root.split("://", 1)[1].split("/", 1)[0]
+        if not self._call("stat", root, self.fs.exists, f"{self.protocol}://{bucket}"):
+            raise StorageError(
+                errno.ENOENT,
+                f"bucket {bucket!r} does not exist or these credentials cannot see it; create "
+                "it or fix storage_options",
+                root,
+            )
 
     def open_write(self, path: str) -> BinaryIO:
         return self._call("open for writing", path, self.fs.open, path, "wb", block_size=self.block_size)

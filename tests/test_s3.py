@@ -1,0 +1,230 @@
+"""URL roots: a real moto S3 server on 127.0.0.1 over HTTP, and fsspec's memory://."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import uuid
+
+import pytest
+import torch
+
+from asyncckpt import AsyncCheckpointer, StorageError, WriteError, list_checkpoints, resume
+from asyncckpt.policy import KeepLast
+from asyncckpt.storage import FsspecStorage
+
+from .helpers import assert_same, snapshot, tiny_model, train_steps
+
+pytestmark = pytest.mark.s3
+
+SECRET = "SENTINEL-secret-9f2c1d"
+KEY_ID = "SENTINELKEYID7731"
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    moto_server = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server._server.server_address
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3(moto_endpoint):
+    """A fresh bucket and its options; the server's state is reset after each test."""
+    import requests
+
+    opts = {
+        "key": KEY_ID,
+        "secret": SECRET,
+        "client_kwargs": {"endpoint_url": moto_endpoint, "region_name": "us-east-1"},
+        "skip_instance_cache": True,
+    }
+    bucket = f"b{uuid.uuid4().hex[:12]}"
+    fs = FsspecStorage("s3://", opts).fs
+    fs.call_s3("create_bucket", Bucket=bucket)
+    yield f"s3://{bucket}/run7", opts, fs
+    requests.post(f"{moto_endpoint}/moto-api/reset", timeout=10)
+
+
+def _state(seed: int = 0) -> dict:
+    model = tiny_model(seed)
+    opt = torch.optim.Adam(model.parameters())
+    train_steps(model, opt, 2)
+    return {"model": model, "optim": opt, "extra": {"epoch": seed}}
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_s3_round_trip_list_and_resume(s3, executor: str) -> None:
+    root, opts, fs = s3
+    state = _state(1)
+    with AsyncCheckpointer(root, state, storage_options=opts, executor=executor) as ck:
+        ck.save_async(1, metrics={"loss": 2.0}).result()
+        train_steps(state["model"], state["optim"], 1)
+        ck.save_async(2).result()
+    expected = snapshot(state)
+    infos = list_checkpoints(root, storage_options=opts)
+    assert [(c.step, c.metrics) for c in infos] == [(1, {"loss": 2.0}), (2, {})]
+    assert infos[-1].path == f"{root}/step_000000002"
+    assert fs.exists(f"{root[5:]}/step_000000002/manifest.json")
+    fresh = _state(9)
+    fresh["optim"] = torch.optim.Adam(fresh["model"].parameters())
+    assert resume(root, fresh, storage_options=opts) == 2
+    assert_same(snapshot(fresh), expected)
+    assert fresh["extra"]["epoch"] == 1
+
+
+def test_prefix_without_manifest_is_ignored_and_corrupt_newest_falls_back(s3) -> None:
+    root, opts, fs = s3
+    state = _state(2)
+    with AsyncCheckpointer(root, state, storage_options=opts) as ck:
+        ck.save_async(1).result()
+        first = snapshot(state)
+        train_steps(state["model"], state["optim"], 1)
+        ck.save_async(2).result()
+    bucket_root = root[5:]
+    fs.pipe(f"{bucket_root}/step_000000003/__0_0.distcp", b"half an upload")  # crashed writer
+    shard = f"{bucket_root}/step_000000002/__0_0.distcp"
+    data = bytearray(fs.cat(shard))
+    data[len(data) // 2] ^= 0xFF
+    fs.pipe(shard, bytes(data))
+    assert [c.step for c in list_checkpoints(root, storage_options=opts)] == [1, 2]
+    fresh = _state(5)
+    with pytest.warns(RuntimeWarning, match="skipping step 2.*checksum"):
+        assert resume(root, fresh, storage_options=opts) == 1
+    assert_same(snapshot(fresh), first)
+
+
+def test_retention_on_s3_deletes_manifest_first(s3) -> None:
+    root, opts, fs = s3
+    state = {"w": torch.arange(100.0)}
+    with AsyncCheckpointer(root, state, storage_options=opts, keep=[KeepLast(2)]) as ck:
+        for step in range(1, 6):
+            ck.save_async(step).result()
+    assert [c.step for c in list_checkpoints(root, storage_options=opts)] == [4, 5]
+    assert not fs.exists(f"{root[5:]}/step_000000001")
+
+
+class _FlakyS3(FsspecStorage):
+    """The real S3 storage with injected faults on whole-file writes."""
+
+    def __init__(self, url: str, opts: dict, fail: list[BaseException]) -> None:
+        super().__init__(url, opts)
+        self.fail = fail
+        self.opens = 0
+
+    def open_write(self, path: str):
+        self.opens += 1
+        if self.fail and path.endswith(".distcp"):
+            raise self._wrap("open for writing", path, self.fail.pop(0))  # as a real failure would be
+        return super().open_write(path)
+
+
+def test_transient_errors_are_retried_to_success(s3) -> None:
+    root, opts, _ = s3
+    storage = _FlakyS3(
+        root, opts, [ConnectionResetError("connection reset by peer"), TimeoutError("read timed out")]
+    )
+    storage.retries = 3
+    state = {"w": torch.arange(1000.0)}
+    with AsyncCheckpointer(root, state, storage=storage) as ck:
+        ck.save_async(1).result()
+    assert storage.opens >= 3 + 2  # two failed attempts, then shard, .metadata, manifest
+    fresh = {"w": torch.zeros(1000)}
+    assert resume(root, fresh, storage_options=opts) == 1 and torch.equal(fresh["w"], state["w"])
+
+
+def test_permanent_errors_fail_at_once_naming_the_url(s3) -> None:
+    root, opts, _ = s3
+    storage = _FlakyS3(root, opts, [PermissionError(errno.EACCES, "Access Denied")])
+    with AsyncCheckpointer(root, {"w": torch.ones(10)}, storage=storage) as ck:
+        with pytest.raises(WriteError) as ei:
+            ck.save_async(1).result()
+    assert storage.opens == 1  # not retried
+    cause = ei.value.__cause__
+    assert isinstance(cause, StorageError) and cause.errno == errno.EACCES
+    assert root in str(cause) and "Access denied" in str(cause)
+
+
+def test_missing_bucket_is_a_clear_storage_error(s3) -> None:
+    _, opts, _ = s3
+    root = "s3://no-such-bucket-here/run"
+    with pytest.raises(StorageError, match="bucket 'no-such-bucket-here' does not exist") as ei:
+        AsyncCheckpointer(root, {"w": torch.ones(10)}, storage_options=opts)  # before training starts
+    assert ei.value.errno == errno.ENOENT
+
+
+def test_upload_dropped_midway_leaves_no_manifest(s3) -> None:
+    root, opts, fs = s3
+
+    class Dropping(FsspecStorage):
+        armed = False
+
+        def open_write(self, path: str):
+            f = super().open_write(path)
+            if self.armed and path.endswith(".distcp"):
+                real = f.write
+
+                def write(b, _real=real, _f=f):
+                    if _f.tell() > 100:
+                        raise OSError(errno.EPIPE, "Broken pipe (injected drop)")
+                    return _real(b)
+
+                f.write = write
+            return f
+
+    storage = Dropping(root, opts)
+    storage.retries = 1
+    state = {"w": torch.arange(50_000.0)}
+    with AsyncCheckpointer(root, state, storage=storage) as ck:
+        ck.save_async(1).result()
+        first = snapshot(state)
+        state["w"].add_(1)
+        storage.armed = True
+        with pytest.raises(WriteError):
+            ck.save_async(2).result()
+    assert not fs.exists(f"{root[5:]}/step_000000002/manifest.json")
+    fresh = {"w": torch.zeros(50_000)}
+    assert resume(root, fresh, storage_options=opts) == 1
+    assert_same(snapshot(fresh), first)
+    assert list(fs.call_s3("list_multipart_uploads", Bucket=root[5:].split("/")[0]).get("Uploads", [])) == []
+
+
+def test_credentials_never_leak(s3, caplog: pytest.LogCaptureFixture) -> None:
+    root, opts, fs = s3
+    caplog.set_level(logging.DEBUG)
+    state = {"w": torch.arange(10.0), "extra": {"note": "hello"}}
+    texts = []
+    with AsyncCheckpointer(root, state, storage_options=opts, executor="process") as ck:
+        ck.save_async(1).result()
+        texts += [repr(ck), repr(ck._storage), str(ck.stats())]
+    with pytest.raises(StorageError) as missing:
+        AsyncCheckpointer("s3://no-such-bucket-x/r", state, storage_options=opts)
+    texts += [str(missing.value), repr(missing.value)]
+    flaky = _FlakyS3(root, opts, [PermissionError(errno.EACCES, f"denied for {KEY_ID}")])
+    with AsyncCheckpointer(root, state, storage=flaky) as ck:
+        with pytest.raises(WriteError) as ei:
+            ck.save_async(2).result()
+    texts += [str(ei.value), repr(ei.value.__cause__), repr(flaky)]
+    texts.append(caplog.text)
+    for t in texts:
+        assert SECRET not in t and KEY_ID not in t
+    for path in fs.find(root[5:]):
+        assert SECRET.encode() not in fs.cat(path) and KEY_ID.encode() not in fs.cat(path)
+
+
+def test_memory_url_root(tmp_path) -> None:
+    root = f"memory://asyncckpt-test-{uuid.uuid4().hex[:8]}/run"
+    state = {"w": torch.randn(300), "extra": {"k": 1}}
+    with AsyncCheckpointer(root, state, keep=1) as ck:
+        ck.save_async(1)
+        ck.save_async(2).result()
+    fresh = {"w": torch.zeros(300), "extra": {"k": 0}}
+    assert resume(root, fresh) == 2
+    assert torch.equal(fresh["w"], state["w"]) and fresh["extra"]["k"] == 1
+    assert [c.step for c in list_checkpoints(root)] == [2]
+    assert not os.path.exists(root)
