@@ -25,13 +25,14 @@ from .errors import (
     WriterDiedError,
 )
 from .executor import Job, ProcessExecutor, ThreadExecutor
-from .handle import SaveHandle
+from .handle import CheckpointInfo, SaveHandle
 from .policy import EveryNSteps, KeepLast, Never, RetentionPolicy, SaveContext, SavePolicy
 from .resume import list_in, resume_in
 from .retention import Retention
 from .staging import StagingPlan, StagingPool, copy_into
 from .state import FlatState, flatten_state, select_state
 from .storage import Storage, is_url, storage_for
+from .tiers import Uploader
 from .triggers import SaveTriggers
 from .writer import WriteJob, WriteOutcome, encode_metrics
 
@@ -102,8 +103,13 @@ class AsyncCheckpointer:
         storage_options: fsspec options for a URL root such as ``s3://bucket/run7``
             (credentials, ``client_kwargs={"endpoint_url": ...}``).  They are redacted
             wherever they are shown; the writer process builds its own filesystem from them.
-        storage: advanced: the storage backend to write through (default: chosen from
-            ``root``).  Tests pass fault-injecting wrappers here.
+        local_dir: a local-first tier: permanent checkpoints (and snapshots) commit to this
+            fast local directory, where ``committed`` resolves; each permanent one is then
+            uploaded to ``root`` in the background (``SaveHandle.uploaded``).  Local
+            retention keeps what is still uploading; ``resume`` prefers the local copy and
+            falls back to ``root`` when the local disk is empty (a new machine).
+        storage: advanced: the storage backend of ``root`` (default: chosen from ``root``).
+            Tests pass fault-injecting wrappers here.
 
     Raises:
         ConfigError: an option is invalid.
@@ -135,6 +141,7 @@ class AsyncCheckpointer:
         save_on_signal: Sequence[int] = (),
         trigger_file: str | None = None,
         storage_options: dict[str, Any] | None = None,
+        local_dir: str | os.PathLike[str] | None = None,
         storage: Storage | None = None,
     ) -> None:
         if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
@@ -172,6 +179,9 @@ class AsyncCheckpointer:
             if isinstance(pats, str) or not all(isinstance(p, str) for p in pats):
                 raise ConfigError(f"{name} must be a list of fqn patterns such as ['model'], got {pats!r}")
         self.root = os.fspath(root) if is_url(os.fspath(root)) else os.path.abspath(os.fspath(root))
+        self.remote_root: str | None = None
+        if local_dir is not None:  # root is the remote tier; saves land locally first
+            self.remote_root, self.root = self.root, os.path.abspath(os.fspath(local_dir))
         if not is_url(self.root) and os.path.exists(self.root) and not os.path.isdir(self.root):
             raise ConfigError(f"checkpoint root {self.root} exists and is not a directory")
         self.state = state
@@ -200,7 +210,16 @@ class AsyncCheckpointer:
             self._disabled = True  # nothing else: no files, threads or processes
             return
         self._disabled = False
-        self._storage: Storage = storage if storage is not None else storage_for(self.root, storage_options)
+        root_storage = (
+            storage if storage is not None else storage_for(self.remote_root or self.root, storage_options)
+        )
+        self._remote: Storage | None = None
+        if self.remote_root is not None:
+            self._remote = root_storage
+            self._storage: Storage = storage_for(self.root)
+            storage_options = None  # the writer (thread or process) only sees the local tier
+        else:
+            self._storage = root_storage
         self._triggers = (
             SaveTriggers(save_on_signal, trigger_file) if (save_on_signal or trigger_file) else None
         )
@@ -210,6 +229,24 @@ class AsyncCheckpointer:
             check(self.root)  # a missing bucket fails now, not at the first save
         self._sweep_tmp()
         existing = list_in(self._storage, self.root)
+        self._uploader: Uploader | None = None
+        self._remote_retention: Retention | None = None
+        if self._remote is not None and self.remote_root is not None:
+            if (check_remote := getattr(self._remote, "check_root", None)) is not None:
+                check_remote(self.remote_root)
+            self._remote_retention = Retention(
+                self._remote,
+                self.remote_root,
+                self._keep,
+                snapshot_slots,
+                list_in(self._remote, self.remote_root),
+            )
+            self._uploader = Uploader(
+                self._storage, self._remote, self.remote_root, self._on_uploaded, self._on_upload_failed
+            )
+            for info in existing:  # a crash may have interrupted uploads: finish them now
+                if info.upload == "pending":
+                    self._uploader.submit(SaveHandle(info.step), info)
         self._committed: set[int] = {c.step for c in existing if c.tier == "permanent"}
         self._snapshots: set[int] = {c.step for c in existing if c.tier == "snapshot"}
         self._retention = Retention(self._storage, self.root, self._keep, snapshot_slots, existing)
@@ -316,9 +353,13 @@ class AsyncCheckpointer:
             with self._lock:
                 self._inflight.pop(step, None)
             raise
+        remote = None
+        if self.remote_root is not None and tier == "permanent":
+            remote = layout.join(self.remote_root, layout.step_dirname(step))
         write = WriteJob(
             root=self._tier_root(tier),
             tier=tier,
+            remote=remote,
             step=step,
             entries=pool.plan.entries,
             buffer=pool.buffer(slot),
@@ -396,9 +437,11 @@ class AsyncCheckpointer:
         if self._disabled:
             return None
         self.wait()
+        sources = [(self._storage, self.root)]
+        if self._remote is not None and self.remote_root is not None:
+            sources.append((self._remote, self.remote_root))
         loaded = resume_in(
-            self._storage,
-            self.root,
+            sources,
             self.state,
             step=step,
             strict=strict,
@@ -441,6 +484,8 @@ class AsyncCheckpointer:
                 metrics = last[1] if last is not None and last[0] == target else None
                 self.save_async(target, metrics=metrics, force=True)
             self.wait()
+            if self._uploader is not None:
+                self._uploader.wait()  # the final checkpoint must reach the remote tier
         finally:
             self._shutdown()
         self._raise_pending()
@@ -600,6 +645,39 @@ class AsyncCheckpointer:
             h.staged.set_exception(err)
         h.committed.set_exception(err)
 
+    def _apply_retention(self, in_flight: set[int]) -> None:
+        """Local retention; a step still uploading counts as in flight (never deleted)."""
+        if self._uploader is not None:
+            in_flight = in_flight | self._uploader.uploading()
+        for tier, step in self._retention.apply(in_flight):
+            with self._lock:
+                (self._committed if tier == "permanent" else self._snapshots).discard(step)
+
+    def _on_uploaded(self, info: CheckpointInfo) -> None:
+        """A step's remote copy is committed: retention on the remote tier, and locally again."""
+        if self._remote_retention is not None and self._uploader is not None:
+            uploading = self._uploader.uploading() - {info.step}
+            self._remote_retention.add(info)
+            self._remote_retention.apply(uploading)
+            with self._lock:
+                in_flight = set(self._inflight)
+            self._retention.apply(in_flight | uploading)
+
+    def _on_upload_failed(self, handle: SaveHandle, exc: BaseException) -> None:
+        err = WriteError(
+            f"uploading step {handle.step} to {self.remote_root} failed: {type(exc).__name__}: {exc}; "
+            "the local copy is intact and the upload is retried when a checkpointer starts on this root"
+        )
+        err.__cause__ = exc
+        with self._lock:
+            self._errors.append((SaveHandle(handle.step), err))
+
+    def wait_uploaded(self, timeout: float | None = None) -> None:
+        """Block until every upload to the remote tier has finished; re-raise an upload error."""
+        if self._uploader is not None and not self._uploader.wait(timeout):
+            raise CheckpointTimeoutError(f"uploads to {self.remote_root} did not finish within {timeout}s")
+        self._raise_pending()
+
     def writer_died(self, exc: BaseException) -> None:
         """The writer died with nothing in flight: tell the trainer at its next call."""
         notice = SaveHandle(-1)
@@ -627,12 +705,12 @@ class AsyncCheckpointer:
         with self._lock:
             (self._committed if out.info.tier == "permanent" else self._snapshots).add(h.step)
             in_flight = set(self._inflight) - {h.step}
+        if self._uploader is not None and out.info.tier == "permanent":
+            h.uploaded = self._uploader.submit(h, out.info)
         # Retention runs after the commit and before the handle resolves, so a caller that
         # waited on the save sees the pruned root.
         self._retention.add(out.info)
-        for tier, step in self._retention.apply(in_flight):
-            with self._lock:
-                (self._committed if tier == "permanent" else self._snapshots).discard(step)
+        self._apply_retention(in_flight)
         with self._lock:
             self._inflight.pop(h.step, None)
         h.committed.set_result(out.info)
@@ -684,6 +762,8 @@ class AsyncCheckpointer:
             self._stager.shutdown(wait=True)
         if self._executor is not None:
             self._executor.close()
+        if self._uploader is not None:
+            self._uploader.close()
         if self._pool is not None:
             self._pool.close()
             self._pool = None

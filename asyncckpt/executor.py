@@ -264,6 +264,7 @@ class ProcessExecutor:
                 w.root,
                 w.step,
                 w.tier,
+                w.remote,
                 w.tree,
                 w.paths,
                 w.metrics,
@@ -402,7 +403,7 @@ def _writer_main(conn_in: Any, conn_out: Any, parent_pid: int) -> None:
             buffers = [torch.frombuffer(seg.buf, dtype=torch.uint8) for seg in segments]
             entries = [TensorSlot(f, DTYPES[d], tuple(s), o, n) for f, d, s, o, n in raw_entries]
             continue
-        _, gen, slot, job_root, step, tier, tree, paths, metrics, version = msg
+        _, gen, slot, job_root, step, tier, remote, tree, paths, metrics, version = msg
         try:
             if gen != generation:
                 raise RuntimeError(f"plan generation {gen} was never received (have {generation})")
@@ -416,6 +417,7 @@ def _writer_main(conn_in: Any, conn_out: Any, parent_pid: int) -> None:
                 metrics,
                 library_version=version,
                 tier=tier,
+                remote=remote,
             )
             out = write_and_commit(
                 storage,

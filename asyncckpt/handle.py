@@ -23,6 +23,8 @@ class CheckpointInfo:
         metrics: the metrics passed to ``save_async``.
         world_size: how many ranks wrote it.
         tier: ``"permanent"``, or ``"snapshot"`` for the rolling snapshot slots.
+        upload: with a local-first tier: ``"pending"`` or ``"uploaded"`` for a local copy,
+            ``"uploaded"`` for the remote copy; None otherwise.
     """
 
     step: int
@@ -32,6 +34,7 @@ class CheckpointInfo:
     metrics: dict[str, Any] = field(default_factory=dict)
     world_size: int = 1
     tier: str = "permanent"
+    upload: str | None = None
 
 
 class SaveHandle:
@@ -49,6 +52,8 @@ class SaveHandle:
         self.step = step
         self.staged: concurrent.futures.Future[None] = concurrent.futures.Future()
         self.committed: concurrent.futures.Future[CheckpointInfo] = concurrent.futures.Future()
+        # With a local-first tier: resolves once the remote copy is committed too.
+        self.uploaded: concurrent.futures.Future[CheckpointInfo] | None = None
         self.observed = False  # the caller has seen this handle's error, if any
 
     def result(self, timeout: float | None = None) -> CheckpointInfo:

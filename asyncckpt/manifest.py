@@ -88,6 +88,7 @@ class Manifest:
     library_version: str = ""
     torch_version: str = ""
     schema_version: int = SCHEMA_VERSION
+    remote: str | None = None  # with a local-first tier: where this step is uploaded
 
     @property
     def total_bytes(self) -> int:
@@ -110,6 +111,8 @@ class Manifest:
             },
             "state": self.state,
         }
+        if self.remote is not None:
+            doc["remote"] = self.remote
         return json.dumps(doc, indent=1, allow_nan=True).encode()
 
     @classmethod
@@ -199,6 +202,7 @@ class _Parser:
             library_version=str(doc.get("library_version", "")),
             torch_version=str(doc.get("torch_version", "")),
             schema_version=version,
+            remote=doc["remote"] if isinstance(doc.get("remote"), str) else None,
         )
 
     def tensor(self, fqn: str, t: Any, files: dict[str, dict[str, int]]) -> TensorEntry:

@@ -20,6 +20,7 @@ from .manifest import Manifest
 from .reader import ManifestReader, file_problems, shard_files
 from .state import plan_load
 from .storage import Storage, storage_for
+from .tiers import UPLOADED_MARKER
 
 __all__ = ["list_checkpoints", "resume", "read_manifest", "list_leftovers", "load_checkpoint"]
 
@@ -57,7 +58,7 @@ def _step_dirs(storage: Storage, root: str) -> list[tuple[int, str, str]]:
     return sorted(out, key=lambda t: (t[0], t[1] == "permanent"))
 
 
-def _info(m: Manifest, path: str, tier: str = "permanent") -> CheckpointInfo:
+def _info(m: Manifest, path: str, tier: str = "permanent", upload: str | None = None) -> CheckpointInfo:
     return CheckpointInfo(
         step=m.step,
         path=path,
@@ -66,6 +67,7 @@ def _info(m: Manifest, path: str, tier: str = "permanent") -> CheckpointInfo:
         metrics=dict(m.metrics),
         world_size=m.world_size,
         tier=tier,
+        upload=upload,
     )
 
 
@@ -90,7 +92,11 @@ def list_in(storage: Storage, r: str) -> list[CheckpointInfo]:
         except (CorruptCheckpointError, StorageError):
             continue
         if m.step == step:
-            out.append(_info(m, path, tier))
+            upload = None
+            if m.remote is not None:
+                marker = layout.join(path, UPLOADED_MARKER)
+                upload = "uploaded" if storage.exists(marker) else "pending"
+            out.append(_info(m, path, tier, upload))
     return out
 
 
@@ -156,6 +162,7 @@ def resume(
     exclude: Sequence[str] = (),
     allow_missing: bool = False,
     storage_options: dict[str, Any] | None = None,
+    local_dir: str | os.PathLike[str] | None = None,
 ) -> int | None:
     """Load the newest valid committed checkpoint under ``root`` into ``state`` in place.
 
@@ -174,6 +181,8 @@ def resume(
         exclude: fqn patterns to leave untouched (e.g. ``["optim"]``).
         allow_missing: tolerate live keys that the checkpoint lacks.
         storage_options: fsspec options for a URL root (credentials, endpoint).
+        local_dir: the local tier of a local-first setup; its copy of a step is preferred,
+            and a missing or empty local dir falls back to ``root``.
 
     Returns:
         The loaded step, or None when ``root`` holds no checkpoint at all.
@@ -183,20 +192,14 @@ def resume(
         StateMismatchError: the newest valid checkpoint does not fit the live state.
     """
     r = _root(root)
-    return resume_in(
-        storage_for(r, storage_options),
-        r,
-        state,
-        step=step,
-        strict=strict,
-        exclude=exclude,
-        allow_missing=allow_missing,
-    )
+    sources = [(storage_for(r, storage_options), r)]
+    if local_dir is not None:
+        sources.insert(0, (storage_for(_root(local_dir)), _root(local_dir)))
+    return resume_in(sources, state, step=step, strict=strict, exclude=exclude, allow_missing=allow_missing)
 
 
 def resume_in(
-    storage: Storage,
-    r: str,
+    sources: Sequence[tuple[Storage, str]],
     state: dict[str, Any],
     *,
     step: int | None = None,
@@ -204,16 +207,23 @@ def resume_in(
     exclude: Sequence[str] = (),
     allow_missing: bool = False,
 ) -> int | None:
-    """``resume`` through an existing storage backend."""
-    candidates = _step_dirs(storage, r)
+    """``resume`` over ``(storage, root)`` sources; for the same step, earlier sources win."""
+    candidates = []
+    for rank, (storage, r) in enumerate(sources):
+        for s, tier, path in _step_dirs(storage, r):
+            # newest first; then permanent before snapshot; then the earlier (local) source
+            candidates.append(((s, tier == "permanent", -rank), storage, path))
+    candidates.sort(key=lambda c: c[0], reverse=True)
     if step is not None:
-        candidates = [c for c in candidates if c[0] == step]
+        candidates = [c for c in candidates if c[0][0] == step]
         if not candidates:
-            raise CheckpointNotFoundError(f"no checkpoint for step {step} under {r}")
+            where = ", ".join(r for _, r in sources)
+            raise CheckpointNotFoundError(f"no checkpoint for step {step} under {where}")
     if not candidates:
         return None
     failures = []
-    for s, _tier, path in reversed(candidates):  # newest first; permanent before snapshot
+    r = " and ".join(root for _, root in sources)
+    for (s, _, _), storage, path in candidates:
         try:
             manifest = read_manifest(storage, path)
             if manifest.step != s:

@@ -68,6 +68,7 @@ class WriteJob:
     world_size: int = 1
     library_version: str = ""
     tier: str = "permanent"
+    remote: str | None = None
 
 
 @dataclass
@@ -426,6 +427,7 @@ def write_and_commit(
             metrics=job.metrics,
             library_version=job.library_version,
             torch_version=torch.__version__,
+            remote=job.remote,
         )
         _check_abort(should_abort, job.step)
         _write_small(storage, layout.join(tmp, layout.MANIFEST), manifest.to_json())

@@ -14,41 +14,10 @@ from asyncckpt import AsyncCheckpointer, StorageError, WriteError, list_checkpoi
 from asyncckpt.policy import KeepLast
 from asyncckpt.storage import FsspecStorage
 
+from .conftest import KEY_ID, SECRET
 from .helpers import assert_same, snapshot, tiny_model, train_steps
 
 pytestmark = pytest.mark.s3
-
-SECRET = "SENTINEL-secret-9f2c1d"
-KEY_ID = "SENTINELKEYID7731"
-
-
-@pytest.fixture(scope="session")
-def moto_endpoint():
-    moto_server = pytest.importorskip("moto.server")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server._server.server_address
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3(moto_endpoint):
-    """A fresh bucket and its options; the server's state is reset after each test."""
-    import requests
-
-    opts = {
-        "key": KEY_ID,
-        "secret": SECRET,
-        "client_kwargs": {"endpoint_url": moto_endpoint, "region_name": "us-east-1"},
-        "skip_instance_cache": True,
-    }
-    bucket = f"b{uuid.uuid4().hex[:12]}"
-    fs = FsspecStorage("s3://", opts).fs
-    fs.call_s3("create_bucket", Bucket=bucket)
-    yield f"s3://{bucket}/run7", opts, fs
-    requests.post(f"{moto_endpoint}/moto-api/reset", timeout=10)
 
 
 def _state(seed: int = 0) -> dict:

@@ -1,0 +1,144 @@
+"""The local-first tier: commit to fast local disk, upload to the remote root in the background.
+
+A committed local step is copied file by file to the remote root's step prefix, with
+``manifest.json`` last, exactly like a direct remote commit; readers of the remote root
+therefore never see a partial upload.  When the upload is confirmed, a ``.uploaded`` marker
+is written into the local step directory.  The local manifest names its remote target, so
+``list_checkpoints`` can tell "pending" from "uploaded" even in a later process.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import layout
+from .handle import CheckpointInfo, SaveHandle
+from .storage import Storage
+
+__all__ = ["UPLOADED_MARKER", "Uploader", "upload_step"]
+
+log = logging.getLogger("asyncckpt")
+
+UPLOADED_MARKER = ".uploaded"
+_CHUNK = 64 << 20
+
+
+def _copy_file(src: Storage, src_path: str, dst: Storage, dst_path: str) -> int:
+    """Stream one file; retried as a whole on transient errors.  Returns its size."""
+    for attempt in range(dst.retries + 1):
+        out = dst.open_write(dst_path)
+        n = 0
+        try:
+            with src.open_read(src_path) as f:
+                while chunk := f.read(_CHUNK):
+                    out.write(chunk)
+                    n += len(chunk)
+        except Exception as e:
+            dst.abort_write(out)
+            cause = e.__cause__ if e.__cause__ is not None else e
+            if attempt == dst.retries or not dst.is_transient(cause):
+                raise
+            time.sleep(min(8.0, 0.2 * 2**attempt))
+            continue
+        dst.finish_write(out, dst_path, n)
+        return n
+    raise AssertionError("unreachable")
+
+
+def upload_step(local: Storage, local_dir: str, remote: Storage, remote_dir: str) -> int:
+    """Copy a committed step; the manifest goes last.  Returns the bytes uploaded."""
+    names = [n for n in local.listdir(local_dir) if n not in (layout.MANIFEST, UPLOADED_MARKER)]
+    total = 0
+    for name in names:
+        total += _copy_file(local, layout.join(local_dir, name), remote, layout.join(remote_dir, name))
+    total += _copy_file(
+        local, layout.join(local_dir, layout.MANIFEST), remote, layout.join(remote_dir, layout.MANIFEST)
+    )
+    marker = layout.join(local_dir, UPLOADED_MARKER)
+    f = local.open_write(marker)
+    local.finish_write(f, marker, 0)
+    return total
+
+
+@dataclass
+class _Upload:
+    handle: SaveHandle
+    info: CheckpointInfo
+    future: concurrent.futures.Future[CheckpointInfo] = field(default_factory=concurrent.futures.Future)
+
+
+class Uploader:
+    """One background thread uploading committed local steps in order."""
+
+    def __init__(
+        self,
+        local: Storage,
+        remote: Storage,
+        remote_root: str,
+        on_uploaded: Callable[[CheckpointInfo], None],
+        on_failed: Callable[[SaveHandle, BaseException], None],
+    ) -> None:
+        self.local, self.remote, self.remote_root = local, remote, remote_root
+        self.on_uploaded, self.on_failed = on_uploaded, on_failed
+        self.pending: dict[int, _Upload] = {}
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[_Upload | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="asyncckpt-upload", daemon=True)
+        self._thread.start()
+
+    def submit(self, handle: SaveHandle, info: CheckpointInfo) -> concurrent.futures.Future[CheckpointInfo]:
+        up = _Upload(handle, info)
+        with self._lock:
+            self.pending[info.step] = up
+        self._queue.put(up)
+        return up.future
+
+    def uploading(self) -> set[int]:
+        with self._lock:
+            return set(self.pending)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._lock:
+            futures = [u.future for u in self.pending.values()]
+        done, not_done = concurrent.futures.wait(futures, timeout=timeout)
+        return not not_done
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while (up := self._queue.get()) is not None:
+            step = up.info.step
+            remote_dir = layout.join(self.remote_root, layout.step_dirname(step))
+            t0 = time.perf_counter()
+            try:
+                nbytes = upload_step(self.local, up.info.path, self.remote, remote_dir)
+            except BaseException as e:
+                log.error("asyncckpt: uploading step %d to %s failed: %s", step, remote_dir, e)
+                with self._lock:
+                    self.pending.pop(step, None)
+                up.future.set_exception(e)
+                self.on_failed(up.handle, e)
+                continue
+            seconds = time.perf_counter() - t0
+            log.info("step=%d uploaded %.1fMiB in %.2fs to %s", step, nbytes / 2**20, seconds, remote_dir)
+            remote_info = CheckpointInfo(
+                step=step,
+                path=remote_dir,
+                time=up.info.time,
+                bytes=up.info.bytes,
+                metrics=dict(up.info.metrics),
+                world_size=up.info.world_size,
+                upload="uploaded",
+            )
+            self.on_uploaded(remote_info)
+            with self._lock:
+                self.pending.pop(step, None)
+            up.future.set_result(remote_info)
