@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import shutil
+import time
 from typing import Any, BinaryIO, Protocol
 
 from .errors import StorageError
@@ -365,6 +366,17 @@ class FsspecStorage:
 
     def read_bytes(self, path: str, limit: int | None = None) -> bytes:
         return self._call("read", path, self.fs.cat_file, path, start=0, end=limit)
+
+    def read_range(self, path: str, start: int, end: int) -> bytes:
+        """One ranged GET; loads issue many of these concurrently."""
+        for attempt in range(self.retries + 1):
+            try:
+                return bytes(self.fs.cat_file(path, start=start, end=end))
+            except Exception as e:
+                if attempt == self.retries or not self.is_transient(e):
+                    raise self._wrap("read", path, e) from None
+                time.sleep(min(8.0, 0.2 * 2**attempt))
+        raise AssertionError("unreachable")
 
     def size(self, path: str) -> int:
         return int(self._call("stat", path, self.fs.size, path))
