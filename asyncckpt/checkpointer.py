@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import logging
 import os
 import threading
@@ -108,6 +109,10 @@ class AsyncCheckpointer:
             uploaded to ``root`` in the background (``SaveHandle.uploaded``).  Local
             retention keeps what is still uploading; ``resume`` prefers the local copy and
             falls back to ``root`` when the local disk is empty (a new machine).
+        on_stats: called with each save's stats record (the dict ``stats()`` lists) once it
+            committed, and again with ``upload_s`` added once a local-first upload finished;
+            forward it to TensorBoard, W&B, ...  Runs on a background thread; exceptions are
+            logged, never raised.
         storage: advanced: the storage backend of ``root`` (default: chosen from ``root``).
             Tests pass fault-injecting wrappers here.
 
@@ -142,6 +147,7 @@ class AsyncCheckpointer:
         trigger_file: str | None = None,
         storage_options: dict[str, Any] | None = None,
         local_dir: str | os.PathLike[str] | None = None,
+        on_stats: Callable[[dict[str, Any]], None] | None = None,
         storage: Storage | None = None,
     ) -> None:
         if not isinstance(root, (str, os.PathLike)) or not os.fspath(root):
@@ -201,6 +207,7 @@ class AsyncCheckpointer:
         self._exclude = list(exclude)
         self._closed = False
         self._stats: list[dict[str, Any]] = []
+        self._on_stats = on_stats
         # (step, metrics, whether a permanent save was attempted) of the last save_async call
         self._last_seen: tuple[int, dict[str, Any], bool] | None = None
         self._start_time = time.monotonic()
@@ -335,6 +342,8 @@ class AsyncCheckpointer:
             return None
         t_slot = time.perf_counter()
         handle = SaveHandle(step)
+        if self._uploader is not None and tier == "permanent":
+            handle.uploaded = concurrent.futures.Future()  # resolved by the uploader
         with self._lock:
             self._inflight[step] = handle
         record: dict[str, Any] = {
@@ -643,6 +652,8 @@ class AsyncCheckpointer:
             self._inflight.pop(h.step, None)
         if not h.staged.done():
             h.staged.set_exception(err)
+        if h.uploaded is not None and not h.uploaded.done():
+            h.uploaded.set_exception(err)
         h.committed.set_exception(err)
 
     def _apply_retention(self, in_flight: set[int]) -> None:
@@ -653,8 +664,21 @@ class AsyncCheckpointer:
             with self._lock:
                 (self._committed if tier == "permanent" else self._snapshots).discard(step)
 
-    def _on_uploaded(self, info: CheckpointInfo) -> None:
+    def _emit(self, record: dict[str, Any]) -> None:
+        if self._on_stats is None:
+            return
+        try:
+            self._on_stats(dict(record))
+        except Exception as e:  # a metrics sink must never break checkpointing
+            log.warning("asyncckpt: the on_stats callback raised %s: %s", type(e).__name__, e)
+
+    def _on_uploaded(self, info: CheckpointInfo, seconds: float = 0.0) -> None:
         """A step's remote copy is committed: retention on the remote tier, and locally again."""
+        for rec in reversed(self._stats):
+            if rec.get("step") == info.step and "upload_s" not in rec:
+                rec["upload_s"] = seconds
+                self._emit(rec)
+                break
         if self._remote_retention is not None and self._uploader is not None:
             uploading = self._uploader.uploading() - {info.step}
             self._remote_retention.add(info)
@@ -702,11 +726,12 @@ class AsyncCheckpointer:
             out.write_seconds,
             rec["throughput_Bps"] / _GIB,
         )
+        self._emit(rec)
         with self._lock:
             (self._committed if out.info.tier == "permanent" else self._snapshots).add(h.step)
             in_flight = set(self._inflight) - {h.step}
         if self._uploader is not None and out.info.tier == "permanent":
-            h.uploaded = self._uploader.submit(h, out.info)
+            h.uploaded = self._uploader.submit(h, out.info, h.uploaded)
         # Retention runs after the commit and before the handle resolves, so a caller that
         # waited on the save sees the pruned root.
         self._retention.add(out.info)

@@ -106,11 +106,12 @@ class ManifestReader(StorageReader):
 
     READ_CONCURRENCY = 8
 
-    def __init__(self, storage: Storage, directory: str, manifest: Manifest) -> None:
+    def __init__(self, storage: Storage, directory: str, manifest: Manifest, progress: Any = None) -> None:
         super().__init__()
         self.storage = storage
         self.directory = directory
         self.manifest = manifest
+        self.progress = progress  # called with the byte count of each blob read
         self._chunks: dict[tuple[str, tuple[int, ...]], Chunk] = {
             (fqn, tuple(c.offsets)): c for fqn, t in manifest.tensors.items() for c in t.chunks
         }
@@ -193,6 +194,8 @@ class ManifestReader(StorageReader):
                 )
             dest.copy_(src)
         self.bytes_read += chunk.length
+        if self.progress is not None:
+            self.progress(chunk.length)
         planner.commit_tensor(req, dest)
 
 

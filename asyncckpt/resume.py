@@ -17,6 +17,7 @@ from . import layout
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
 from .handle import CheckpointInfo
 from .manifest import Manifest
+from .progress import Progress
 from .reader import ManifestReader, file_problems, shard_files
 from .state import plan_load
 from .storage import Storage, storage_for
@@ -25,6 +26,8 @@ from .tiers import UPLOADED_MARKER
 __all__ = ["list_checkpoints", "resume", "read_manifest", "list_leftovers", "load_checkpoint"]
 
 log = logging.getLogger("asyncckpt")
+
+PROGRESS_MIN_BYTES = 256 << 20  # loads smaller than this finish too fast for a bar
 
 
 def _root(root: str | os.PathLike[str]) -> str:
@@ -127,6 +130,8 @@ def load_checkpoint(
 ) -> None:
     """Load one validated checkpoint into ``state`` in place (through DCP, so it reshards)."""
     targets = plan_load(state, manifest, strict=strict, exclude=exclude, allow_missing=allow_missing)
+    total = sum(c.length for t in manifest.tensors.values() for c in t.chunks)
+    bar = Progress(total, f"loading step {manifest.step}") if total >= PROGRESS_MIN_BYTES else None
     if targets.dest:
         no_dist = not (dist.is_available() and dist.is_initialized())
         try:
@@ -134,12 +139,15 @@ def load_checkpoint(
                 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
                 dcp.load(
                     targets.dest,
-                    storage_reader=ManifestReader(storage, step_dir, manifest),
+                    storage_reader=ManifestReader(storage, step_dir, manifest, bar.update if bar else None),
                     planner=DefaultLoadPlanner(allow_partial_load=True),
                     no_dist=no_dist,
                 )
         except CheckpointException as e:
             raise _unwrap(e) from e
+        finally:
+            if bar is not None:
+                bar.close()
     targets.finalize()
 
 

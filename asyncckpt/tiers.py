@@ -81,7 +81,7 @@ class Uploader:
         local: Storage,
         remote: Storage,
         remote_root: str,
-        on_uploaded: Callable[[CheckpointInfo], None],
+        on_uploaded: Callable[[CheckpointInfo, float], None],
         on_failed: Callable[[SaveHandle, BaseException], None],
     ) -> None:
         self.local, self.remote, self.remote_root = local, remote, remote_root
@@ -92,8 +92,13 @@ class Uploader:
         self._thread = threading.Thread(target=self._loop, name="asyncckpt-upload", daemon=True)
         self._thread.start()
 
-    def submit(self, handle: SaveHandle, info: CheckpointInfo) -> concurrent.futures.Future[CheckpointInfo]:
-        up = _Upload(handle, info)
+    def submit(
+        self,
+        handle: SaveHandle,
+        info: CheckpointInfo,
+        future: concurrent.futures.Future[CheckpointInfo] | None = None,
+    ) -> concurrent.futures.Future[CheckpointInfo]:
+        up = _Upload(handle, info) if future is None else _Upload(handle, info, future)
         with self._lock:
             self.pending[info.step] = up
         self._queue.put(up)
@@ -138,7 +143,7 @@ class Uploader:
                 world_size=up.info.world_size,
                 upload="uploaded",
             )
-            self.on_uploaded(remote_info)
+            self.on_uploaded(remote_info, seconds)
             with self._lock:
                 self.pending.pop(step, None)
             up.future.set_result(remote_info)
