@@ -28,6 +28,7 @@ from .errors import (
 from .executor import Job, ProcessExecutor, ThreadExecutor
 from .handle import CheckpointInfo, SaveHandle
 from .policy import EveryNSteps, KeepLast, Never, RetentionPolicy, SaveContext, SavePolicy
+from .resume import _root as normalize_root
 from .resume import list_in, resume_in
 from .retention import Retention
 from .staging import StagingPlan, StagingPool, copy_into
@@ -184,7 +185,7 @@ class AsyncCheckpointer:
         for name, pats in (("include", include or ()), ("exclude", exclude)):
             if isinstance(pats, str) or not all(isinstance(p, str) for p in pats):
                 raise ConfigError(f"{name} must be a list of fqn patterns such as ['model'], got {pats!r}")
-        self.root = os.fspath(root) if is_url(os.fspath(root)) else os.path.abspath(os.fspath(root))
+        self.root = normalize_root(root)
         self.remote_root: str | None = None
         if local_dir is not None:  # root is the remote tier; saves land locally first
             self.remote_root, self.root = self.root, os.path.abspath(os.fspath(local_dir))

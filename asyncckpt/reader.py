@@ -64,6 +64,15 @@ def _read_exact(f: Any, n: int, where: str) -> bytes:
 
 def read_chunk_into(f: Any, chunk: Chunk, out: torch.Tensor, where: str) -> None:
     """Read ``chunk``'s blob: raw bytes into contiguous CPU ``out``, crc over the whole blob."""
+    if (
+        out.device.type != "cpu"
+        or not out.is_contiguous()
+        or out.numel() * out.element_size() != chunk.nbytes
+    ):
+        raise ValueError(
+            f"{where}: read target must be a contiguous CPU tensor of {chunk.nbytes} bytes, got "
+            f"{out.device} {list(out.shape)} {out.dtype}"
+        )
     head_len = chunk.data_offset - chunk.offset
     tail_len = chunk.offset + chunk.length - chunk.data_offset - chunk.nbytes
     f.seek(chunk.offset)

@@ -31,7 +31,11 @@ PROGRESS_MIN_BYTES = 256 << 20  # loads smaller than this finish too fast for a 
 
 
 def _root(root: str | os.PathLike[str]) -> str:
-    return os.path.abspath(os.fspath(root)) if "://" not in os.fspath(root) else os.fspath(root)
+    """A URL as is; a local path (or ``file://`` URL) made absolute."""
+    r = os.fspath(root)
+    if r.startswith("file://"):
+        r = r[len("file://") :]
+    return os.path.abspath(r) if "://" not in r else r
 
 
 def read_manifest(storage: Storage, step_dir: str) -> Manifest:

@@ -114,6 +114,11 @@ class Retention:
         base = self.root if tier == PERMANENT else layout.join(self.root, layout.SNAPSHOT_DIR)
         path = layout.join(base, layout.step_dirname(step))
         trash_dir = layout.join(base, layout.TMP_DIR)
+        if not self.storage.exists(path):  # already gone (e.g. `asyncckpt gc`): nothing to retry
+            with self._lock:
+                self._records.pop((tier, step), None)
+                self._failed.discard((tier, step))
+            return True
         try:
             if self.storage.atomic_rename:
                 self.storage.makedirs(trash_dir)
