@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from . import layout
+from . import distributed, layout
 from .errors import (
     CheckpointTimeoutError,
     ConfigError,
@@ -110,6 +110,8 @@ class AsyncCheckpointer:
             uploaded to ``root`` in the background (``SaveHandle.uploaded``).  Local
             retention keeps what is still uploading; ``resume`` prefers the local copy and
             falls back to ``root`` when the local disk is empty (a new machine).
+        commit_timeout: with several ranks: how long rank 0 waits for every rank's shards, and
+            the other ranks for rank 0's manifest, before the save fails naming who is missing.
         on_stats: called with each save's stats record (the dict ``stats()`` lists) once it
             committed, and again with ``upload_s`` added once a local-first upload finished;
             forward it to TensorBoard, W&B, ...  Runs on a background thread; exceptions are
@@ -146,6 +148,7 @@ class AsyncCheckpointer:
         save_dtype: torch.dtype | None = None,
         save_on_signal: Sequence[int] = (),
         trigger_file: str | None = None,
+        commit_timeout: float = 600.0,
         storage_options: dict[str, Any] | None = None,
         local_dir: str | os.PathLike[str] | None = None,
         on_stats: Callable[[dict[str, Any]], None] | None = None,
@@ -232,10 +235,21 @@ class AsyncCheckpointer:
             SaveTriggers(save_on_signal, trigger_file) if (save_on_signal or trigger_file) else None
         )
 
+        self._dist = distributed.current()
+        if self._dist is not None and local_dir is not None:
+            raise ConfigError(
+                "local_dir (the local-first tier) is not supported with several ranks yet; "
+                "use a shared root (or an s3:// root) directly"
+            )
+        self.commit_timeout = float(commit_timeout)
+        self._assignment: tuple[Any, set[str]] | None = None
         self._storage.makedirs(self.root)
         if (check := getattr(self._storage, "check_root", None)) is not None:
             check(self.root)  # a missing bucket fails now, not at the first save
-        self._sweep_tmp()
+        if self._dist is None or self._dist.coordinator:
+            self._sweep_tmp()
+        # every rank constructs the checkpointer together: agree on the run id (after the sweep)
+        self._run_id = distributed.agree_run_id() if self._dist is not None else ""
         existing = list_in(self._storage, self.root)
         self._uploader: Uploader | None = None
         self._remote_retention: Retention | None = None
@@ -257,7 +271,15 @@ class AsyncCheckpointer:
                     self._uploader.submit(SaveHandle(info.step), info)
         self._committed: set[int] = {c.step for c in existing if c.tier == "permanent"}
         self._snapshots: set[int] = {c.step for c in existing if c.tier == "snapshot"}
-        self._retention = Retention(self._storage, self.root, self._keep, snapshot_slots, existing)
+        # only one rank deletes: rank 0 (others keep no policies and unlimited snapshot slots)
+        coordinator = self._dist is None or self._dist.coordinator
+        self._retention = Retention(
+            self._storage,
+            self.root,
+            self._keep if coordinator else [],
+            snapshot_slots if coordinator else 1 << 62,
+            existing,
+        )
         self._lock = threading.Lock()
         self._inflight: dict[int, SaveHandle] = {}
         self._errors: list[tuple[SaveHandle, BaseException]] = []
@@ -267,7 +289,7 @@ class AsyncCheckpointer:
         self._generation = 0
         self._pool: StagingPool | None = None
         self._executor: ThreadExecutor | ProcessExecutor | None = None
-        self._ensure_pool(flat)  # allocate (and fault in) the buffers before training starts
+        self._ensure_pool(self._staged(flat))  # allocate and fault in the buffers before training
         assert self._pool is not None
         self._cuda_stream: torch.cuda.Stream | None = (
             torch.cuda.Stream() if torch.cuda.is_available() and self._pool.plan.needs_pinned else None
@@ -334,7 +356,7 @@ class AsyncCheckpointer:
                 raise StepExistsError(f"step {step} is already being saved")
         if tier == "permanent":
             self._last_saved = (step, time.monotonic())
-        flat = self._flatten()
+        flat = self._staged(self._flatten())
         pool = self._ensure_pool(flat)
         slot = pool.acquire(block=self.on_busy == "wait")
         if slot is None:
@@ -377,6 +399,12 @@ class AsyncCheckpointer:
             paths=flat.paths,
             metrics=encoded_metrics,
             library_version=self._version,
+            rank=self._dist.rank if self._dist else 0,
+            world_size=self._dist.world_size if self._dist else 1,
+            chunk_offsets=self._chunk_meta[0] if self._dist else {},
+            global_shapes=self._chunk_meta[1] if self._dist else {},
+            run_id=self._run_id,
+            commit_timeout=self.commit_timeout,
         )
         assert self._executor is not None
         self._executor.submit(Job(write, handle, pool, slot, self._generation, record))
@@ -461,7 +489,7 @@ class AsyncCheckpointer:
         if loaded is not None:
             # Loading often creates state (an optimizer's moments); size the buffers now rather
             # than inside the next save.
-            self._ensure_pool(flatten_state(self.state))
+            self._ensure_pool(self._staged(self._flatten()))
         return loaded
 
     def stats(self) -> list[dict[str, Any]]:
@@ -546,6 +574,29 @@ class AsyncCheckpointer:
 
     def _tier_root(self, tier: str) -> str:
         return self.root if tier == "permanent" else layout.join(self.root, layout.SNAPSHOT_DIR)
+
+    def _staged(self, flat: FlatState) -> FlatState:
+        """What this rank stages: its local shards, minus replicas another rank writes.
+
+        The first time a structure is seen, ranks exchange their chunk lists (a collective, on
+        this trainer thread, in a call every rank makes) so each chunk has one writer.
+        """
+        if self._dist is None:
+            return flat
+        local, offsets, shapes, sizes = {}, {}, {}, {}
+        for fqn, t in flat.tensors.items():
+            lt, off, gshape = distributed.local_chunk(t)
+            local[fqn], offsets[fqn], shapes[fqn] = lt, off, gshape
+            sizes[fqn] = (off, lt.numel() * lt.element_size())
+        sig = flat.signature()
+        if self._assignment is None or self._assignment[0] != sig:
+            self._assignment = (sig, distributed.assign_writers(sizes, self._dist))
+        mine = self._assignment[1]
+        self._chunk_meta = ({k: offsets[k] for k in mine}, {k: shapes[k] for k in mine})
+        tensors = {k: v for k, v in local.items() if k in mine}
+        return FlatState(
+            tensors=tensors, tree=flat.tree, paths={k: v for k, v in flat.paths.items() if k in mine}
+        )
 
     def _flatten(self) -> FlatState:
         flat = flatten_state(self.state)

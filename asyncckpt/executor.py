@@ -265,6 +265,7 @@ class ProcessExecutor:
                 w.step,
                 w.tier,
                 w.remote,
+                (w.rank, w.world_size, w.chunk_offsets, w.global_shapes, w.run_id, w.commit_timeout),
                 w.tree,
                 w.paths,
                 w.metrics,
@@ -403,7 +404,8 @@ def _writer_main(conn_in: Any, conn_out: Any, parent_pid: int) -> None:
             buffers = [torch.frombuffer(seg.buf, dtype=torch.uint8) for seg in segments]
             entries = [TensorSlot(f, DTYPES[d], tuple(s), o, n) for f, d, s, o, n in raw_entries]
             continue
-        _, gen, slot, job_root, step, tier, remote, tree, paths, metrics, version = msg
+        _, gen, slot, job_root, step, tier, remote, ranks, tree, paths, metrics, version = msg
+        rank, world_size, chunk_offsets, global_shapes, run_id, commit_timeout = ranks
         try:
             if gen != generation:
                 raise RuntimeError(f"plan generation {gen} was never received (have {generation})")
@@ -418,6 +420,12 @@ def _writer_main(conn_in: Any, conn_out: Any, parent_pid: int) -> None:
                 library_version=version,
                 tier=tier,
                 remote=remote,
+                rank=rank,
+                world_size=world_size,
+                chunk_offsets=chunk_offsets,
+                global_shapes=global_shapes,
+                run_id=run_id,
+                commit_timeout=commit_timeout,
             )
             out = write_and_commit(
                 storage,

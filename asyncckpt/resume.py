@@ -13,8 +13,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from . import layout
-from .errors import CheckpointNotFoundError, CorruptCheckpointError, StorageError
+from . import distributed, layout
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError, StorageError
 from .handle import CheckpointInfo
 from .manifest import Manifest
 from .progress import Progress
@@ -133,7 +133,18 @@ def load_checkpoint(
     allow_missing: bool = False,
 ) -> None:
     """Load one validated checkpoint into ``state`` in place (through DCP, so it reshards)."""
-    targets = plan_load(state, manifest, strict=strict, exclude=exclude, allow_missing=allow_missing)
+    problem: str | None = None
+    try:
+        targets = plan_load(state, manifest, strict=strict, exclude=exclude, allow_missing=allow_missing)
+    except StateMismatchError as e:
+        problem = str(e)
+    if distributed.current() is not None:
+        # every rank must enter dcp.load together, or not at all
+        problems = [p for p in distributed.all_gather(problem) if p is not None]
+        if problems:
+            raise StateMismatchError(problems[0])
+    elif problem is not None:
+        raise StateMismatchError(problem)
     total = sum(c.length for t in manifest.tensors.values() for c in t.chunks)
     bar = Progress(total, f"loading step {manifest.step}") if total >= PROGRESS_MIN_BYTES else None
     if targets.dest:
@@ -210,6 +221,30 @@ def resume(
     return resume_in(sources, state, step=step, strict=strict, exclude=exclude, allow_missing=allow_missing)
 
 
+def _loadable(storage: Storage, path: str) -> bool:
+    try:
+        m = read_manifest(storage, path)
+        return not file_problems(storage, path, m, shard_files(m))
+    except (CorruptCheckpointError, StorageError):
+        return False
+
+
+def _agree(candidates: list[Any]) -> list[Any]:
+    """Several ranks: keep only steps every rank can load, so all load the same one.
+
+    Ranks may see storage differently (a lagging local disk, a failed read); the newest
+    step that *every* rank validates wins.  This is a collective on the trainer thread.
+    """
+    seen: dict[tuple[int, bool], Any] = {}
+    for key, storage, path in candidates:  # newest first; the first source wins per step
+        k = (key[0], key[1])
+        if k not in seen and _loadable(storage, path):
+            seen[k] = (key, storage, path)
+    everyone = distributed.all_gather(sorted(seen))
+    common = set(map(tuple, everyone[0])).intersection(*(set(map(tuple, e)) for e in everyone[1:]))
+    return [seen[k] for k in sorted(common, reverse=True)]  # type: ignore[index]
+
+
 def resume_in(
     sources: Sequence[tuple[Storage, str]],
     state: dict[str, Any],
@@ -226,6 +261,8 @@ def resume_in(
             # newest first; then permanent before snapshot; then the earlier (local) source
             candidates.append(((s, tier == "permanent", -rank), storage, path))
     candidates.sort(key=lambda c: c[0], reverse=True)
+    if distributed.current() is not None:
+        candidates = _agree(candidates)
     if step is not None:
         candidates = [c for c in candidates if c[0][0] == step]
         if not candidates:

@@ -69,6 +69,11 @@ class WriteJob:
     library_version: str = ""
     tier: str = "permanent"
     remote: str | None = None
+    # several ranks: where each staged tensor sits in its global tensor, and the global shapes
+    chunk_offsets: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    global_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    run_id: str = ""
+    commit_timeout: float = 600.0
 
 
 @dataclass
@@ -394,8 +399,11 @@ def write_and_commit(
     """
     t0 = time.perf_counter()
     final = layout.join(job.root, layout.step_dirname(job.step))
+    several = job.world_size > 1
     if storage.atomic_rename:
-        tmp = layout.join(job.root, layout.TMP_DIR, layout.tmp_dirname(job.step))
+        # ranks share one temp directory per step, named by the run id they agreed on
+        name = f"{layout.step_dirname(job.step)}.{job.run_id}" if several else layout.tmp_dirname(job.step)
+        tmp = layout.join(job.root, layout.TMP_DIR, name)
     else:
         tmp = final
         if storage.exists(layout.join(final, layout.MANIFEST)):
@@ -411,10 +419,22 @@ def write_and_commit(
             on_shards_written()  # the staging slot may be reused from here on
         _check_abort(should_abort, job.step)
         t_written = time.perf_counter()
+        for e in job.entries:
+            if e.fqn in job.chunk_offsets:
+                chunks[e.fqn].offsets = list(job.chunk_offsets[e.fqn])
         tensors = {
-            e.fqn: TensorEntry(dtype=dtype_name(e.dtype), shape=list(e.shape), chunks=[chunks[e.fqn]])
+            e.fqn: TensorEntry(
+                dtype=dtype_name(e.dtype),
+                shape=list(job.global_shapes.get(e.fqn, e.shape)),
+                chunks=[chunks[e.fqn]],
+            )
             for e in job.entries
         }
+        if several:
+            _write_done_record(storage, tmp, job.rank, tensors, files)
+            if job.rank != 0:
+                return _await_commit(storage, job, final, t0, t_written, files, should_abort)
+            tensors, files = _gather_done_records(storage, tmp, job, should_abort)
         meta = pickle.dumps(dcp_metadata(tensors, job.paths))
         files[layout.DCP_METADATA] = _write_small(storage, layout.join(tmp, layout.DCP_METADATA), meta)
         manifest = Manifest(
@@ -437,10 +457,11 @@ def write_and_commit(
             storage.rename_dir(tmp, final)
             storage.sync_dir(job.root)
     except BaseException:
-        try:
-            storage.rmtree(tmp)
-        except Exception:  # the original error matters more; the sweep at start retries
-            pass
+        if not several or job.rank == 0:  # a shared step directory is only ever removed by rank 0
+            try:
+                storage.rmtree(tmp)
+            except Exception:  # the original error matters more; the sweep at start retries
+                pass
         raise
     t1 = time.perf_counter()
     info = CheckpointInfo(
@@ -458,6 +479,116 @@ def write_and_commit(
         write_seconds=t1 - t0,
         commit_seconds=t1 - t_written,
     )
+
+
+DONE_SUFFIX = ".done.json"
+
+
+def _write_done_record(
+    storage: Storage,
+    directory: str,
+    rank: int,
+    tensors: dict[str, TensorEntry],
+    files: dict[str, dict[str, int]],
+) -> None:
+    """This rank's part of the manifest; written last by the rank, atomically."""
+    doc = {
+        "rank": rank,
+        "files": files,
+        "tensors": {
+            k: {"dtype": t.dtype, "shape": t.shape, "chunks": [c.to_json() for c in t.chunks]}
+            for k, t in tensors.items()
+        },
+    }
+    path = layout.join(directory, f"__{rank}{DONE_SUFFIX}")
+    data = json.dumps(doc).encode()
+    if storage.atomic_rename:  # readers must never see half a record
+        _write_small(storage, path + ".part", data)
+        storage.rename_dir(path + ".part", path)
+    else:
+        _write_small(storage, path, data)  # an object PUT is atomic
+
+
+def _poll(cond: Callable[[], Any], timeout: float, should_abort: Callable[[], bool] | None, step: int) -> Any:
+    """Call ``cond`` with backoff until it returns something truthy; None on timeout."""
+    deadline = time.monotonic() + timeout
+    delay = 0.02
+    while True:
+        got = cond()
+        if got:
+            return got
+        _check_abort(should_abort, step)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(delay)
+        delay = min(0.5, delay * 1.5)
+
+
+def _gather_done_records(
+    storage: Storage, directory: str, job: WriteJob, should_abort: Callable[[], bool] | None
+) -> tuple[dict[str, TensorEntry], dict[str, dict[str, int]]]:
+    """Coordinator: wait for every rank's done record and merge them."""
+    records: dict[int, dict[str, Any]] = {}
+
+    def collect() -> bool:
+        for r in range(job.world_size):
+            if r in records:
+                continue
+            path = layout.join(directory, f"__{r}{DONE_SUFFIX}")
+            if storage.exists(path):
+                try:
+                    records[r] = json.loads(storage.read_bytes(path))
+                except (ValueError, OSError):
+                    continue  # not fully visible yet
+        return len(records) == job.world_size
+
+    if not _poll(collect, job.commit_timeout, should_abort, job.step):
+        from .errors import CheckpointTimeoutError
+
+        missing = sorted(set(range(job.world_size)) - set(records))
+        raise CheckpointTimeoutError(
+            f"step {job.step}: ranks {missing} did not finish writing within {job.commit_timeout:.0f}s "
+            "(crashed or stuck); the step is not committed. Check those ranks' logs, or raise "
+            "commit_timeout for slow storage"
+        )
+    tensors: dict[str, TensorEntry] = {}
+    files: dict[str, dict[str, int]] = {}
+    for r in sorted(records):
+        files.update(records[r]["files"])
+        for fqn, t in records[r]["tensors"].items():
+            entry = tensors.setdefault(fqn, TensorEntry(dtype=t["dtype"], shape=list(t["shape"]), chunks=[]))
+            entry.chunks += [Chunk(**c) for c in t["chunks"]]
+    for entry in tensors.values():
+        entry.chunks.sort(key=lambda c: c.offsets)
+    return tensors, files
+
+
+def _await_commit(
+    storage: Storage,
+    job: WriteJob,
+    final: str,
+    t0: float,
+    t_written: float,
+    files: dict[str, dict[str, int]],
+    should_abort: Callable[[], bool] | None,
+) -> WriteOutcome:
+    """A non-coordinating rank: its part is durable; wait for rank 0's manifest."""
+    manifest_path = layout.join(final, layout.MANIFEST)
+    if not _poll(lambda: storage.exists(manifest_path), job.commit_timeout, should_abort, job.step):
+        from .errors import CheckpointTimeoutError
+
+        raise CheckpointTimeoutError(
+            f"step {job.step}: rank 0 did not commit within {job.commit_timeout:.0f}s (crashed or "
+            "stuck); this rank's shards are written but the step is not committed"
+        )
+    m = Manifest.from_json(storage.read_bytes(manifest_path), manifest_path)
+    t1 = time.perf_counter()
+    info = CheckpointInfo(
+        step=job.step, path=final, time=m.created_at, bytes=m.total_bytes,
+        metrics=dict(m.metrics), world_size=m.world_size, tier=job.tier,
+    )  # fmt: skip
+    mine = sum(f["size"] for f in files.values())
+    return WriteOutcome(info=info, bytes_written=mine, write_seconds=t1 - t0, commit_seconds=t1 - t_written)
 
 
 class WriteAborted(RuntimeError):

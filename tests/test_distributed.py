@@ -1,0 +1,129 @@
+"""Several ranks with real torch.distributed (gloo, CPU) processes and a FileStore."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from asyncckpt import list_checkpoints, resume
+from asyncckpt.resume import read_manifest
+from asyncckpt.storage import LocalStorage
+
+from .dist_worker import full, replicated
+
+pytestmark = pytest.mark.multiproc
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_ranks(
+    world: int, scenario: str, tmp_path, *args: str, timeout: float = 180
+) -> list[subprocess.CompletedProcess]:
+    store = str(tmp_path / f"store-{scenario}-{world}-{os.urandom(4).hex()}")
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.dist_worker", scenario, str(r), str(world), store, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )  # fmt: skip
+        for r in range(world)
+    ]
+    out = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError(f"{scenario}: a rank hung (no timeout bounded its wait)") from None
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+def ok(results: list[subprocess.CompletedProcess]) -> None:
+    for r in results:
+        assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("save_world, load_world", [(4, 2), (2, 4), (2, 2)])
+def test_sharded_save_and_resume_on_another_world_size(tmp_path, save_world: int, load_world: int) -> None:
+    root = str(tmp_path / "ckpt")
+    ok(run_ranks(save_world, "save_sharded", tmp_path, root, "3"))
+    m = read_manifest(LocalStorage(), os.path.join(root, "step_000000003"))
+    assert m.world_size == save_world
+    assert len(m.tensors["w.a"].chunks) == save_world  # every rank wrote its own shard
+    assert len(m.tensors["rep"].chunks) == 1  # the replicated tensor was written once
+    ok(run_ranks(load_world, "load_sharded", tmp_path, root, "3"))
+    # and on one process without torch.distributed, into plain full tensors
+    state = {
+        "w": {"a": torch.zeros(16, 4), "b": torch.zeros(8, 6)},
+        "rep": torch.zeros(100),
+        "extra": {"step": 0},
+    }
+    assert resume(root, state) == 3
+    assert torch.equal(state["w"]["a"], full("a", 3)) and torch.equal(state["w"]["b"], full("b", 3))
+    assert torch.equal(state["rep"], replicated(3))
+
+
+def test_single_process_checkpoint_resumes_sharded(tmp_path) -> None:
+    from asyncckpt import AsyncCheckpointer
+
+    root = str(tmp_path / "ckpt")
+    state = {"w": {"a": full("a", 5), "b": full("b", 5)}, "rep": replicated(5), "extra": {"step": 5}}
+    with AsyncCheckpointer(root, state) as ck:
+        ck.save_async(5).result()
+    ok(run_ranks(2, "load_sharded", tmp_path, root, "5"))
+
+
+def test_replicated_tensors_are_written_once_and_spread_over_ranks(tmp_path) -> None:
+    root = str(tmp_path / "ckpt")
+    ok(run_ranks(2, "save_replicated", tmp_path, root, "1"))
+    step_dir = os.path.join(root, "step_000000001")
+    m = read_manifest(LocalStorage(), step_dir)
+    assert all(len(t.chunks) == 1 for t in m.tensors.values())
+    writers = {c.file.split("_")[2] for t in m.tensors.values() for c in t.chunks}
+    assert writers == {"0", "1"}, writers  # both ranks share the work
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 8))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1)
+    fresh = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Linear(64, 8))
+    assert resume(root, {"model": fresh}) == 1
+    for a, b in zip(model.parameters(), fresh.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_writer_processes_on_several_ranks(tmp_path) -> None:
+    root = str(tmp_path / "ckpt")
+    ok(run_ranks(2, "save_sharded", tmp_path, root, "2", "process"))
+    ok(run_ranks(2, "load_sharded", tmp_path, root, "2"))
+
+
+def test_a_rank_dying_mid_save_leaves_no_manifest_and_a_clear_error(tmp_path) -> None:
+    root = str(tmp_path / "ckpt")
+    results = run_ranks(2, "kill_rank1_midsave", tmp_path, root)
+    assert results[1].returncode == 17
+    assert results[0].returncode == 0, results[0].stderr[-3000:]
+    assert "CLEAR ERROR" in results[0].stdout and "ranks [1]" in results[0].stdout
+    assert [c.step for c in list_checkpoints(root)] == [1]
+    ok(run_ranks(2, "load_sharded", tmp_path, root, "1"))
+
+
+def test_coordinator_dying_before_the_manifest_commits_nothing(tmp_path) -> None:
+    root = str(tmp_path / "ckpt")
+    results = run_ranks(2, "kill_coordinator_before_manifest", tmp_path, root)
+    assert results[0].returncode == 19
+    assert results[1].returncode == 0, results[1].stderr[-3000:]
+    assert "rank 0 did not commit" in results[1].stdout
+    assert [c.step for c in list_checkpoints(root)] == [1]
+    ok(run_ranks(2, "load_sharded", tmp_path, root, "1"))
+    assert json.loads(json.dumps([c.step for c in list_checkpoints(root)])) == [1]
