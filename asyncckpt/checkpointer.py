@@ -243,6 +243,7 @@ class AsyncCheckpointer:
             )
         self.commit_timeout = float(commit_timeout)
         self._assignment: tuple[Any, set[str]] | None = None
+        self._chunk_meta: tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]] = ({}, {})
         self._storage.makedirs(self.root)
         if (check := getattr(self._storage, "check_root", None)) is not None:
             check(self.root)  # a missing bucket fails now, not at the first save
@@ -401,8 +402,8 @@ class AsyncCheckpointer:
             library_version=self._version,
             rank=self._dist.rank if self._dist else 0,
             world_size=self._dist.world_size if self._dist else 1,
-            chunk_offsets=self._chunk_meta[0] if self._dist else {},
-            global_shapes=self._chunk_meta[1] if self._dist else {},
+            chunk_offsets=self._chunk_meta[0],
+            global_shapes=self._chunk_meta[1],
             run_id=self._run_id,
             commit_timeout=self.commit_timeout,
         )
@@ -581,7 +582,7 @@ class AsyncCheckpointer:
         The first time a structure is seen, ranks exchange their chunk lists (a collective, on
         this trainer thread, in a call every rank makes) so each chunk has one writer.
         """
-        if self._dist is None:
+        if self._dist is None and not any(distributed.is_dtensor(t) for t in flat.tensors.values()):
             return flat
         local, offsets, shapes, sizes = {}, {}, {}, {}
         for fqn, t in flat.tensors.items():
@@ -589,7 +590,9 @@ class AsyncCheckpointer:
             local[fqn], offsets[fqn], shapes[fqn] = lt, off, gshape
             sizes[fqn] = (off, lt.numel() * lt.element_size())
         sig = flat.signature()
-        if self._assignment is None or self._assignment[0] != sig:
+        if self._dist is None:  # one process (perhaps DTensors on a 1-rank mesh): it writes all
+            self._assignment = (sig, set(flat.tensors))
+        elif self._assignment is None or self._assignment[0] != sig:
             self._assignment = (sig, distributed.assign_writers(sizes, self._dist))
         mine = self._assignment[1]
         self._chunk_meta = ({k: offsets[k] for k in mine}, {k: shapes[k] for k in mine})

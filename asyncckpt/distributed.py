@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "current", "agree_run_id", "local_chunk", "assign_writers", "all_gather"]
+__all__ = ["DistInfo", "current", "is_dtensor", "agree_run_id", "local_chunk", "assign_writers", "all_gather"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,14 @@ def agree_run_id() -> str:
     box = [uuid.uuid4().hex[:16]]
     dist.broadcast_object_list(box, src=0)
     return str(box[0])
+
+
+def is_dtensor(t: object) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, DTensor)
 
 
 def local_chunk(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...]]:

@@ -287,6 +287,26 @@ def _apply(container: Any, key: Any, node: dict[str, Any], dest: Mapping[str, to
         container[key] = _decode(node, dest, live)
 
 
+def _materialize_sharded_optimizer_state(obj: Any) -> None:
+    """Give a fresh optimizer over DTensor (FSDP2) params its state before loading.
+
+    Its state must be DTensors laid out like the params, so the checkpoint can be loaded
+    into it in place (and resharded) by DCP; full plain tensors would break the next step.
+    DCP's own helper runs one zero-lr step on zero grads to create that state.
+    """
+    if not isinstance(obj, torch.optim.Optimizer) or obj.state:
+        return
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return
+    params = [q for g in obj.param_groups for q in g["params"]]
+    if any(isinstance(q, DTensor) for q in params):
+        from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+        _init_optim_state(obj)
+
+
 def plan_load(
     state: dict[str, Any],
     manifest: Manifest,
@@ -304,6 +324,9 @@ def plan_load(
         exclude: fqn patterns (fnmatch, or a prefix) left untouched in the live state.
         allow_missing: keys of the live state that the checkpoint lacks are left as they are.
     """
+    for key, value in state.items():
+        if key in manifest.state and not (exclude and _matches(key, exclude)):
+            _materialize_sharded_optimizer_state(value)
     p = _Planner(manifest, strict, exclude)
     for key, value in state.items():
         if p.excluded(key):

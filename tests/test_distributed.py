@@ -127,3 +127,27 @@ def test_coordinator_dying_before_the_manifest_commits_nothing(tmp_path) -> None
     assert [c.step for c in list_checkpoints(root)] == [1]
     ok(run_ranks(2, "load_sharded", tmp_path, root, "1"))
     assert json.loads(json.dumps([c.step for c in list_checkpoints(root)])) == [1]
+
+
+def test_fsdp_example_crashes_on_two_ranks_and_resumes_on_one(tmp_path) -> None:
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun):
+        pytest.skip("torchrun is not installed next to this Python")
+    root = str(tmp_path / "fsdp")
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1")
+
+    def launch(n: int, *extra: str) -> subprocess.CompletedProcess:
+        port = str(29600 + int.from_bytes(os.urandom(2), "little") % 2000)
+        cmd = [torchrun, f"--nproc-per-node={n}", "--master-addr=127.0.0.1", f"--master-port={port}",
+               os.path.join(REPO, "examples", "fsdp_train.py"), "--root", root, *extra]  # fmt: skip
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+    crashed = launch(2, "--crash-at", "17")
+    assert crashed.returncode != 0  # SIGKILLed on purpose
+    committed = [(c.step, c.world_size) for c in list_checkpoints(root)]
+    # saves are asynchronous: the kill lands after some prefix of them has committed
+    assert committed and committed == [(s, 2) for s in (5, 10, 15)][: len(committed)], committed
+    resumed = launch(1)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"world size 1: starting at step {committed[-1][0]}" in resumed.stdout
+    assert [(c.step, c.world_size) for c in list_checkpoints(root)] == [(20, 1), (25, 1), (30, 1)]
