@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import concurrent.futures
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
 
 from .errors import CheckpointTimeoutError
 
@@ -35,6 +38,22 @@ class CheckpointInfo:
     world_size: int = 1
     tier: str = "permanent"
     upload: str | None = None
+
+    @classmethod
+    def from_manifest(
+        cls, m: Manifest, path: str, tier: str = "permanent", upload: str | None = None
+    ) -> CheckpointInfo:
+        """The listing entry of a committed step, from its manifest."""
+        return cls(
+            step=m.step,
+            path=path,
+            time=m.created_at,
+            bytes=m.total_bytes,
+            metrics=dict(m.metrics),
+            world_size=m.world_size,
+            tier=tier,
+            upload=upload,
+        )
 
 
 class SaveHandle:

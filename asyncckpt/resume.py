@@ -66,16 +66,7 @@ def _step_dirs(storage: Storage, root: str) -> list[tuple[int, str, str]]:
 
 
 def _info(m: Manifest, path: str, tier: str = "permanent", upload: str | None = None) -> CheckpointInfo:
-    return CheckpointInfo(
-        step=m.step,
-        path=path,
-        time=m.created_at,
-        bytes=m.total_bytes,
-        metrics=dict(m.metrics),
-        world_size=m.world_size,
-        tier=tier,
-        upload=upload,
-    )
+    return CheckpointInfo.from_manifest(m, path, tier, upload)
 
 
 def list_checkpoints(

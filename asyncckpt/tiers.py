@@ -10,6 +10,7 @@ is written into the local step directory.  The local manifest names its remote t
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import queue
 import threading
@@ -134,15 +135,7 @@ class Uploader:
                 continue
             seconds = time.perf_counter() - t0
             log.info("step=%d uploaded %.1fMiB in %.2fs to %s", step, nbytes / 2**20, seconds, remote_dir)
-            remote_info = CheckpointInfo(
-                step=step,
-                path=remote_dir,
-                time=up.info.time,
-                bytes=up.info.bytes,
-                metrics=dict(up.info.metrics),
-                world_size=up.info.world_size,
-                upload="uploaded",
-            )
+            remote_info = dataclasses.replace(up.info, path=remote_dir, upload="uploaded")
             self.on_uploaded(remote_info, seconds)
             with self._lock:
                 self.pending.pop(step, None)

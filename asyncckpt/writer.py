@@ -464,15 +464,7 @@ def write_and_commit(
                 pass
         raise
     t1 = time.perf_counter()
-    info = CheckpointInfo(
-        step=job.step,
-        path=final,
-        time=manifest.created_at,
-        bytes=manifest.total_bytes,
-        metrics=dict(manifest.metrics),
-        world_size=manifest.world_size,
-        tier=job.tier,
-    )
+    info = CheckpointInfo.from_manifest(manifest, final, job.tier)
     return WriteOutcome(
         info=info,
         bytes_written=manifest.total_bytes,
@@ -583,10 +575,7 @@ def _await_commit(
         )
     m = Manifest.from_json(storage.read_bytes(manifest_path), manifest_path)
     t1 = time.perf_counter()
-    info = CheckpointInfo(
-        step=job.step, path=final, time=m.created_at, bytes=m.total_bytes,
-        metrics=dict(m.metrics), world_size=m.world_size, tier=job.tier,
-    )  # fmt: skip
+    info = CheckpointInfo.from_manifest(m, final, job.tier)
     mine = sum(f["size"] for f in files.values())
     return WriteOutcome(info=info, bytes_written=mine, write_seconds=t1 - t0, commit_seconds=t1 - t_written)
 
