@@ -92,3 +92,22 @@ def test_transformers_callback_saves_and_resumes(tmp_path) -> None:
     model2, cb2, trainer2 = run(7)  # resumes at 7: nothing left to train
     assert cb2.resumed_step == 7
     assert_same(snapshot(model2), before)
+
+
+def test_export_loads_in_transformers_from_pretrained(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from asyncckpt import AsyncCheckpointer
+    from asyncckpt.cli import main as cli
+
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    root = str(tmp_path / "ckpt")
+    with AsyncCheckpointer(root, {"model": model, "extra": {"step": 1}}) as ck:
+        ck.save_async(1).result()
+    out = str(tmp_path / "hf")
+    assert cli(["export", root, out, "--only", "model.", "--max-shard-size", "20KB"]) == 0
+    cfg.save_pretrained(out)  # an HF model directory: config + sharded safetensors + index
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(out)
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
