@@ -60,7 +60,8 @@ def _step_dirs(storage: Storage, root: str) -> list[tuple[int, str, str]]:
         base = layout.join(root, sub) if sub else root
         for name in storage.listdir(base):
             step = layout.parse_step(name)
-            if step is not None:
+            # a symlinked step directory would load data from outside the root: never follow it
+            if step is not None and not storage.is_link(layout.join(base, name)):
                 out.append((step, tier, layout.join(base, name)))
     return sorted(out, key=lambda t: (t[0], t[1] == "permanent"))
 

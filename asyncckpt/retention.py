@@ -57,6 +57,9 @@ class Retention:
         path = self._protected_path()
         if not self.storage.exists(path):
             return set()
+        if not self.storage.is_regular_file(path):  # a FIFO would block the read forever
+            log.warning("asyncckpt: ignoring %s: not a regular file", path)
+            return set()
         try:
             steps = json.loads(self.storage.read_bytes(path))
             return {int(s) for s in steps if isinstance(s, int) and not isinstance(s, bool)}

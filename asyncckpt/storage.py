@@ -46,6 +46,7 @@ class Storage(Protocol):
     def sync_dir(self, path: str) -> None: ...
     def rmtree(self, path: str) -> None: ...
     def is_regular_file(self, path: str) -> bool: ...
+    def is_link(self, path: str) -> bool: ...
 
 
 def wrap_os_error(op: str, path: str, exc: OSError) -> StorageError:
@@ -154,12 +155,20 @@ class LocalStorage:
             os.close(fd)
 
     def rmtree(self, path: str) -> None:
+        import stat
+
         try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):  # a file, a symlink, a FIFO: never opened
+                os.unlink(path)
+                return
             shutil.rmtree(path)
         except FileNotFoundError:
             pass
         except OSError as e:
             raise wrap_os_error("remove", path, e) from e
+
+    def is_link(self, path: str) -> bool:
+        return os.path.islink(path)
 
 
 _SECRET_KEYS = (
@@ -405,6 +414,9 @@ class FsspecStorage:
 
     def sync_dir(self, path: str) -> None:
         pass  # a confirmed upload is durable
+
+    def is_link(self, path: str) -> bool:
+        return False
 
     def rmtree(self, path: str) -> None:
         try:

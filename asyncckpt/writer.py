@@ -13,6 +13,7 @@ import ctypes
 import errno
 import io
 import json
+import logging
 import pickle
 import struct
 import time
@@ -49,6 +50,8 @@ __all__ = [
     "write_and_commit",
     "write_shards",
 ]
+
+log = logging.getLogger("asyncckpt")
 
 _WRITE_CHUNK = 64 << 20  # bound single write() calls; large enough for sequential throughput
 
@@ -455,7 +458,10 @@ def write_and_commit(
             storage.sync_dir(tmp)
             _check_abort(should_abort, job.step)
             storage.rename_dir(tmp, final)
-            storage.sync_dir(job.root)
+            try:
+                storage.sync_dir(job.root)
+            except OSError as e:  # the step is committed (visible); only its rename's durability is in doubt
+                log.warning("asyncckpt: step %d committed, but fsync of %s failed: %s", job.step, job.root, e)
     except BaseException:
         if not several or job.rank == 0:  # a shared step directory is only ever removed by rank 0
             try:

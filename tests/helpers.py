@@ -130,3 +130,15 @@ class FaultyStorage(LocalStorage):
     def sync_dir(self, path: str) -> None:
         self._maybe_fail("sync_dir")
         super().sync_dir(path)
+
+
+def rewrite_manifest(path: str, doc: dict[str, Any]) -> None:
+    """Write an edited manifest with a matching self-checksum, as a deliberate editor would."""
+    import json
+
+    from asyncckpt.manifest import _self_checksum
+
+    doc = {k: v for k, v in doc.items() if k != "checksum"}
+    doc["checksum"] = _self_checksum(doc)
+    with open(path, "w") as f:
+        f.write(json.dumps(doc, indent=1))

@@ -15,7 +15,7 @@ import torch
 from asyncckpt import AsyncCheckpointer, CorruptCheckpointError, list_checkpoints, resume
 from asyncckpt.resume import list_leftovers
 
-from .helpers import assert_same, snapshot
+from .helpers import assert_same, rewrite_manifest, snapshot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -210,7 +210,7 @@ def test_hostile_manifest_file_names_are_rejected(root: str, tmp_path) -> None:
     doc = json.loads(open(mpath).read())
     name = next(iter(doc["tensors"]))
     doc["tensors"][name]["chunks"][0]["file"] = "../../outside.bin"
-    open(mpath, "w").write(json.dumps(doc))
+    rewrite_manifest(mpath, doc)  # a consistent edit: the name check itself must reject it
     fresh = _state(5)
     with pytest.warns(RuntimeWarning, match="unsafe file name"):
         assert resume(root, fresh) == 1
