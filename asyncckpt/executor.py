@@ -156,6 +156,7 @@ class ProcessExecutor:
         self.restart = restart
         self._lock = threading.Lock()  # guards _inflight
         self._send_lock = threading.RLock()  # orders sends, plans and restarts
+        self._send_failed = False
         self._inflight: dict[int, Job] = {}
         self._plan_msg: tuple[Any, ...] | None = None
         self._closing = False
@@ -281,6 +282,7 @@ class ProcessExecutor:
                     try:
                         self._to_child.send(msg)
                     except OSError as e:
+                        self._send_failed = True
                         with self._lock:
                             self._inflight.pop(w.step, None)
                         error = WriterDiedError(
@@ -321,6 +323,8 @@ class ProcessExecutor:
             with self._lock:
                 lost = list(self._inflight.values())
                 self._inflight.clear()
+            already_told = self._send_failed  # a save whose send failed was told through its handle
+            self._send_failed = False
             if self._closing and not lost:
                 return
             err = WriterDiedError(
@@ -328,22 +332,30 @@ class ProcessExecutor:
                 f"{len(lost)} save(s) in flight were lost: steps {[j.write.step for j in lost]}"
             )
             log.error("asyncckpt: %s", err)
-            restarted = False
-            if self.restart and not self._closing:
-                try:
-                    for c in (self._to_child, self._from_child):
-                        c.close()
-                    self._start()
-                    restarted = True
-                    log.warning("asyncckpt: started a fresh writer process (pid %d)", self.process.pid)
-                except BaseException as e:  # noqa: BLE001 - reported on the next call
-                    err = WriterDiedError(f"{err}; restarting it failed: {e}")
-            if not restarted:
-                self._dead = err
+        # Tell the trainer exactly once, and before the (slow) restart, so the report lands at
+        # its very next call rather than seconds later at an unrelated one.
         for job in lost:
             self.cb.failed(job, err)
-        if not lost:
+        if not lost and not already_told:
             self.cb.writer_died(err)
+        if not self.restart or self._closing:
+            with self._send_lock:
+                self._dead = err
+            return
+        with self._send_lock:
+            try:
+                for c in (self._to_child, self._from_child):
+                    c.close()
+                self._start()
+                log.warning("asyncckpt: started a fresh writer process (pid %d)", self.process.pid)
+            except BaseException as e:  # noqa: BLE001 - reported on the next call
+                self._dead = WriterDiedError(f"{err}; restarting it failed: {e}")
+                stranded = list(self._inflight.values())
+                self._inflight.clear()
+            else:
+                return
+        for job in stranded:
+            self.cb.failed(job, self._dead)
 
 
 # --------------------------------------------------------------------------- writer side
