@@ -13,7 +13,8 @@ import logging
 import os
 import shutil
 import time
-from typing import Any, BinaryIO, Protocol
+from collections.abc import Callable
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 from .errors import StorageError
 
@@ -378,14 +379,9 @@ class FsspecStorage:
 
     def read_range(self, path: str, start: int, end: int) -> bytes:
         """One ranged GET; loads issue many of these concurrently."""
-        for attempt in range(self.retries + 1):
-            try:
-                return bytes(self.fs.cat_file(path, start=start, end=end))
-            except Exception as e:
-                if attempt == self.retries or not self.is_transient(e):
-                    raise self._wrap("read", path, e) from None
-                time.sleep(min(8.0, 0.2 * 2**attempt))
-        raise AssertionError("unreachable")
+        return retrying(
+            self, lambda: bytes(self._call("read", path, self.fs.cat_file, path, start=start, end=end))
+        )
 
     def size(self, path: str) -> int:
         return int(self._call("stat", path, self.fs.size, path))
@@ -426,6 +422,27 @@ class FsspecStorage:
         except Exception as e:
             raise self._wrap("remove", path, e) from None
         self.fs.invalidate_cache(path)
+
+
+T = TypeVar("T")
+
+
+def retrying(storage: Storage, attempt: Callable[[], T]) -> T:
+    """Run ``attempt`` again, with backoff, while it fails with a transient error.
+
+    At most ``storage.retries`` retries; permanent errors (access denied, no such bucket)
+    are raised at once.  Callers retry whole units (a file, a range), whose data is still
+    at hand.
+    """
+    for n in range(storage.retries + 1):
+        try:
+            return attempt()
+        except Exception as e:
+            cause = e.__cause__ if e.__cause__ is not None else e
+            if n == storage.retries or not (storage.is_transient(e) or storage.is_transient(cause)):
+                raise
+            time.sleep(min(8.0, 0.2 * 2**n))
+    raise AssertionError("unreachable")
 
 
 def is_url(root: str) -> bool:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from . import layout
 from .handle import CheckpointInfo, SaveHandle
-from .storage import Storage
+from .storage import Storage, retrying
 
 __all__ = ["UPLOADED_MARKER", "Uploader", "upload_step"]
 
@@ -32,7 +32,8 @@ _CHUNK = 64 << 20
 
 def _copy_file(src: Storage, src_path: str, dst: Storage, dst_path: str) -> int:
     """Stream one file; retried as a whole on transient errors.  Returns its size."""
-    for attempt in range(dst.retries + 1):
+
+    def attempt() -> int:
         out = dst.open_write(dst_path)
         n = 0
         try:
@@ -40,16 +41,13 @@ def _copy_file(src: Storage, src_path: str, dst: Storage, dst_path: str) -> int:
                 while chunk := f.read(_CHUNK):
                     out.write(chunk)
                     n += len(chunk)
-        except Exception as e:
+        except BaseException:
             dst.abort_write(out)
-            cause = e.__cause__ if e.__cause__ is not None else e
-            if attempt == dst.retries or not dst.is_transient(cause):
-                raise
-            time.sleep(min(8.0, 0.2 * 2**attempt))
-            continue
+            raise
         dst.finish_write(out, dst_path, n)
         return n
-    raise AssertionError("unreachable")
+
+    return retrying(dst, attempt)
 
 
 def upload_step(local: Storage, local_dir: str, remote: Storage, remote_dir: str) -> int:

@@ -39,7 +39,7 @@ from . import layout
 from .handle import CheckpointInfo
 from .manifest import Chunk, Manifest, TensorEntry, dtype_name
 from .staging import TensorSlot, host_alias
-from .storage import Storage, wrap_os_error
+from .storage import Storage, retrying, wrap_os_error
 
 __all__ = [
     "WriteJob",
@@ -312,15 +312,7 @@ def _write_file(
 
 def _write_file_retrying(storage: Storage, *args: Any) -> tuple[dict[str, Chunk], int]:
     """``_write_file``, retried with backoff on transient errors (the slot still holds the data)."""
-    for attempt in range(storage.retries + 1):
-        try:
-            return _write_file(storage, *args)
-        except Exception as e:
-            cause = e.__cause__ if e.__cause__ is not None else e
-            if attempt == storage.retries or not storage.is_transient(cause):
-                raise
-            time.sleep(min(8.0, 0.2 * 2**attempt))
-    raise AssertionError("unreachable")
+    return retrying(storage, lambda: _write_file(storage, *args))
 
 
 def write_shards(
@@ -403,6 +395,7 @@ def write_and_commit(
     t0 = time.perf_counter()
     final = layout.join(job.root, layout.step_dirname(job.step))
     several = job.world_size > 1
+    own_bytes = 0
     if storage.atomic_rename:
         # ranks share one temp directory per step, named by the run id they agreed on
         name = f"{layout.step_dirname(job.step)}.{job.run_id}" if several else layout.tmp_dirname(job.step)
@@ -437,6 +430,7 @@ def write_and_commit(
             _write_done_record(storage, tmp, job.rank, tensors, files)
             if job.rank != 0:
                 return _await_commit(storage, job, final, t0, t_written, files, should_abort)
+            own_bytes = sum(f["size"] for f in files.values())
             tensors, files = _gather_done_records(storage, tmp, job, should_abort)
         meta = pickle.dumps(dcp_metadata(tensors, job.paths))
         files[layout.DCP_METADATA] = _write_small(storage, layout.join(tmp, layout.DCP_METADATA), meta)
@@ -473,7 +467,8 @@ def write_and_commit(
     info = CheckpointInfo.from_manifest(manifest, final, job.tier)
     return WriteOutcome(
         info=info,
-        bytes_written=manifest.total_bytes,
+        # this rank's own bytes (rank 0 of several ranks commits, but wrote only its shards)
+        bytes_written=own_bytes if several else manifest.total_bytes,
         write_seconds=t1 - t0,
         commit_seconds=t1 - t_written,
     )
