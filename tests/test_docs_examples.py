@@ -14,7 +14,9 @@ import re
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FILES = ["README.md"] + [os.path.join("docs", f) for f in sorted(os.listdir(os.path.join(REPO, "docs"))) if f.endswith(".md")]
+FILES = ["README.md"] + [
+    os.path.join("docs", f) for f in sorted(os.listdir(os.path.join(REPO, "docs"))) if f.endswith(".md")
+]
 BLOCK = re.compile(r"```python\n(.*?)```", re.S)
 
 PRELUDE = """
