@@ -180,7 +180,10 @@ class _Parser:
             raise self.fail(f"not valid JSON ({e})") from e
         if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
             raise self.fail("not an asyncckpt manifest (field 'format')")
-        if "checksum" in doc and doc["checksum"] != _self_checksum(doc):
+        # Mandatory: were it optional, one flipped bit in the key's name would switch it off.
+        if "checksum" not in doc:
+            raise self.fail("it has no 'checksum' field: the manifest was modified or corrupted")
+        if doc["checksum"] != _self_checksum(doc):
             raise self.fail("its checksum does not match its content: the manifest was modified or corrupted")
         version = self.get(doc, "schema_version", int, "manifest")
         if version != SCHEMA_VERSION:

@@ -266,14 +266,21 @@ class Spawner:
         self._procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, cfg: dict[str, Any]) -> Child:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _SPAWN, json.dumps(cfg)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT if not cfg.get("stdout") else subprocess.DEVNULL,
-            env=self.env,
-            cwd=REPO,
-        )
+        # until the child redirects its own output, its stderr (an import error, say) goes to
+        # its log file, so a child that dies early still says why
+        err = open(cfg["stdout"], "wb") if cfg.get("stdout") else None
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _SPAWN, json.dumps(cfg)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=err if err is not None else subprocess.STDOUT,
+                env=self.env,
+                cwd=REPO,
+            )
+        finally:
+            if err is not None:
+                err.close()
         self._procs.append(proc)
         child = Child(proc.pid)
 

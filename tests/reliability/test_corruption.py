@@ -12,8 +12,8 @@ manifest.json).  For every case that changes a byte:
 manifest.json carries a crc32 of itself (field ``checksum``), so an edit that keeps it valid
 JSON (a plain value, a shape, a data_offset, created_at) is caught too; before that field
 existed such edits loaded silently (wrong tensor bytes for a data_offset) and passed verify.
-The field is optional (older manifests have none), so a flip inside the key name turns the
-check off: the fuzz counts that case and the strict xfail test below pins it.
+The field is mandatory: when it was optional, a flip inside the key name turned the check off
+(found by this fuzz; test_flipped_bit_in_the_checksum_key_is_detected pins the fix).
 
 Knob: ASYNCCKPT_FUZZ_CORRUPTIONS (default 240), ASYNCCKPT_FUZZ_SEED.
 """
@@ -265,12 +265,6 @@ def test_corrupt_shape_in_the_manifest_falls_back(tmp_path) -> None:
     assert problems != []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: manifest.Manifest.from_json skips the self-checksum when the 'checksum' key is "
-    "absent (compat), so one bit flip in the key name ('checksum' -> 'checksuM') turns the check "
-    "off: verify reports nothing, and any further edit (a plain value) loads silently",
-)
 def test_flipped_bit_in_the_checksum_key_is_detected(tmp_path) -> None:
     root, path = _two_steps(tmp_path)
     data = open(path, "rb").read()
