@@ -5,7 +5,8 @@ figures are not comparable across machines.  The state is ``--tensors`` fp32 ten
 sizes, ``--size-gib`` in all (``bench_stall``'s generator).  GB/s is always the state's byte
 count (the payload) over seconds, so every method is charged for the same bytes.
 
-Writes; the repetitions are interleaved, each into a fresh directory; ``os.sync()`` between:
+Writes, after one untimed raw write; each repetition runs every method into a fresh directory,
+in an order that rotates from one repetition to the next; ``os.sync()`` before each write:
 1. raw write     the same byte count from one allocated buffer: 64 MiB ``write``s on an
                  unbuffered file, then ``fsync``.  The disk's ceiling.
 2. asyncckpt     thread and process executors, 1 and 2 write threads (one checkpointer each,
@@ -134,34 +135,23 @@ def proc_status(pid: int | str = "self") -> dict[str, int]:
     return out
 
 
-class RssSampler:
-    """Peak of each /proc status field, per watched process, sampled every ``interval`` s."""
+class RssSampler(threading.Thread):
+    """Peak of each /proc status field per watched process, every 5 ms until ``done`` is set."""
 
-    def __init__(self, interval: float = 0.005) -> None:
-        self.interval = interval
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
         self.pids: dict[str, int | str] = {"trainer": "self"}
         self.peak: dict[str, dict[str, int]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.done = threading.Event()
 
-    def sample(self) -> None:
-        for name, pid in list(self.pids.items()):
-            peak = self.peak.setdefault(name, {})
-            for k, v in proc_status(pid).items():
-                peak[k] = max(peak.get(k, 0), v)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.sample()
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
+    def run(self) -> None:
+        while True:  # one last sample after ``done`` is set
+            for name, pid in list(self.pids.items()):
+                peak = self.peak.setdefault(name, {})
+                for k, v in proc_status(pid).items():
+                    peak[k] = max(peak.get(k, 0), v)
+            if self.done.wait(0.005):
+                return
 
 
 def memory_child(size_gib: float, n_tensors: int, executor: str, root: str) -> dict[str, Any]:
@@ -169,12 +159,15 @@ def memory_child(size_gib: float, n_tensors: int, executor: str, root: str) -> d
     state = make_state(size_gib, n_tensors)
     gc.collect()
     before, writer_start = proc_status(), {}
-    with RssSampler() as s:
-        ck = AsyncCheckpointer(root, {"model": state}, executor=executor, max_inflight=1)
-        if executor == "process":
-            s.pids["writer"] = pid = ck._executor.process.pid  # type: ignore[union-attr]
-            writer_start = proc_status(pid)
-        save(ck, 0).result()
+    s = RssSampler()
+    s.start()
+    ck = AsyncCheckpointer(root, {"model": state}, executor=executor, max_inflight=1)
+    if executor == "process":
+        s.pids["writer"] = pid = ck._executor.process.pid  # type: ignore[union-attr]
+        writer_start = proc_status(pid)
+    save(ck, 0).result()
+    s.done.set()
+    s.join()
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     pool = ck._pool.nbytes if ck._pool is not None else 0
     ck.close()
@@ -236,7 +229,8 @@ def measure_memory(size_gib: float, n_tensors: int, directory: str | None) -> tu
 def measure_writes(
     state: dict[str, torch.Tensor], view: memoryview, reps: int, root: str, keep: dict[str, str]
 ) -> dict[str, list[dict[str, float]]]:
-    """(1)-(3), repetitions interleaved; the last repetition's files are left in ``keep``."""
+    """(1)-(3).  The order of the methods rotates from one repetition to the next, after one
+    untimed raw write (the first write of a run is slow here, whichever method makes it)."""
     writes: dict[str, list[dict[str, float]]] = {m: [] for m in (RAW, *CONFIGS, DCP)}
     with contextlib.ExitStack() as stack:
         cks = {}
@@ -244,31 +238,36 @@ def measure_writes(
             ck_root = os.path.join(root, name.replace(" ", "_"))
             cks[name] = AsyncCheckpointer(ck_root, {"model": state}, executor=ex, write_threads=wt)
             stack.callback(cks[name].close)
+
+        def write(name: str, rep: int, rep_dir: str) -> dict[str, float]:
+            os.sync()
+            t0 = time.perf_counter()
+            if name == RAW:
+                keep["raw"] = os.path.join(rep_dir, "raw.bin")
+                return {"s": raw_io(view, keep["raw"], write=True)}
+            if name == DCP:
+                keep["dcp"] = os.path.join(rep_dir, "dcp")
+                dcp.save(state, storage_writer=FileSystemWriter(keep["dcp"], sync_files=True), no_dist=True)
+                return {"s": time.perf_counter() - t0}
+            info = save(cks[name], rep).result()
+            t = time.perf_counter() - t0
+            st = cks[name].stats()[-1]
+            if rep == reps - 1 and name == LOAD_FROM:
+                keep.update(ackpt_root=cks[name].root, ackpt_dir=info.path, ackpt_step=str(rep))
+            else:
+                shutil.rmtree(info.path)
+            return {"s": t, **{k: st[k] for k in ("write_s", "stall_s", "bytes_written")}}
+
+        write(RAW, -1, root)  # the untimed warm-up
+        os.remove(keep["raw"])
+        order = list(writes)
         for rep in range(reps):
             print(f"[bench_write] write rep {rep} ...", file=sys.stderr, flush=True)
-            last = rep == reps - 1
             rep_dir = os.path.join(root, f"rep{rep}")
             os.makedirs(rep_dir)
-            os.sync()
-            keep["raw"] = os.path.join(rep_dir, "raw.bin")
-            writes[RAW].append({"s": raw_io(view, keep["raw"], write=True)})
-            for name, ck in cks.items():
-                os.sync()
-                t0 = time.perf_counter()
-                info = save(ck, rep).result()
-                t = time.perf_counter() - t0
-                st = ck.stats()[-1]
-                writes[name].append({"s": t, **{k: st[k] for k in ("write_s", "stall_s", "bytes_written")}})
-                if last and name == LOAD_FROM:
-                    keep.update(ackpt_root=ck.root, ackpt_dir=info.path, ackpt_step=str(rep))
-                else:
-                    shutil.rmtree(info.path)
-            os.sync()
-            keep["dcp"] = os.path.join(rep_dir, "dcp")
-            t0 = time.perf_counter()
-            dcp.save(state, storage_writer=FileSystemWriter(keep["dcp"], sync_files=True), no_dist=True)
-            writes[DCP].append({"s": time.perf_counter() - t0})
-            if not last:
+            for name in order[rep % len(order) :] + order[: rep % len(order)]:
+                writes[name].append(write(name, rep, rep_dir))
+            if rep < reps - 1:
                 shutil.rmtree(rep_dir)
     return writes
 

@@ -36,8 +36,9 @@ KEEP = 3
 def _kill_if_current(ck: AsyncCheckpointer, pid: int, killed: threading.Event) -> None:
     proc = ck._executor.process  # type: ignore[union-attr]
     if proc.pid == pid and proc.poll() is None:
-        os.kill(pid, signal.SIGKILL)
+        # set first: the trainer can hear of the death before this thread runs again
         killed.set()
+        os.kill(pid, signal.SIGKILL)
 
 
 def _restarted(ck: AsyncCheckpointer, old: int, timeout: float = 60) -> bool:
