@@ -564,6 +564,36 @@ def _remove_leftover(storage: Storage, path: str) -> None:
     storage.rmtree(path)
 
 
+def _abort_uploads(
+    storage: Storage, root: str, a: argparse.Namespace, now: float, errors: list[str]
+) -> tuple[int, int]:
+    """Abort the multipart uploads that killed writers left under ``root`` (object stores
+    keep their parts, invisible to listings, until then); returns (aborted, too recent)."""
+    pending = getattr(storage, "pending_uploads", None)
+    if pending is None:
+        return 0, 0
+    verb = "would abort" if a.dry_run else "aborted"
+    aborted = young = 0
+    for url, upload_id, started in pending(root):
+        age = None if started is None else max(0.0, now - started)
+        if a.min_age > 0 and (age is None or age < a.min_age):
+            young += 1
+            when = "unknown" if age is None else f"{age:.0f}s"
+            print(f"skipped multipart upload {url}: begun {when} ago, it may be a save in progress")
+            continue
+        if not a.dry_run:
+            try:
+                storage.abort_upload(url, upload_id)  # type: ignore[attr-defined]
+            except (AsyncCheckpointError, OSError) as e:
+                errors.append(_one_line(e))
+                print(f"could not abort the upload of {url}: {_one_line(e)}", file=sys.stderr)
+                continue
+        aborted += 1
+        begun = "" if age is None else f", begun {age:.0f}s ago"
+        print(f"{verb} abandoned multipart upload {url}  (id {upload_id[:16]}{begun})")
+    return aborted, young
+
+
 def _retention_policies(a: argparse.Namespace) -> list[Any]:
     from .policy import KeepBest, KeepEvery, KeepLast
 
@@ -620,6 +650,7 @@ def cmd_gc(a: argparse.Namespace) -> int:
             f"skipped uncommitted {path}: {when}, so it may be a save in progress "
             "(--min-age 0 removes it anyway)"
         )
+    aborted, young_uploads = _abort_uploads(storage, root, a, now, errors)
 
     # 2. retention over the committed checkpoints
     infos = list_checkpoints(root, storage_options=_OPTIONS.value)
@@ -646,9 +677,11 @@ def cmd_gc(a: argparse.Namespace) -> int:
     def n(count: int, what: str) -> str:
         return f"{count} {what}{'s' * (count != 1)}"
 
+    uploads = f", {n(aborted, 'abandoned multipart upload')}" if aborted else ""
     summary = (
-        f"{'dry run: would remove' if a.dry_run else 'removed'} {n(removed, 'uncommitted leftover')} and "
-        f"{n(len(deleted), 'checkpoint')} ({human_bytes(freed)}); kept {n(len(kept), 'permanent checkpoint')}"
+        f"{'dry run: would remove' if a.dry_run else 'removed'} {n(removed, 'uncommitted leftover')}{uploads} "
+        f"and {n(len(deleted), 'checkpoint')} ({human_bytes(freed)}); "
+        f"kept {n(len(kept), 'permanent checkpoint')}"
     )
     if kept:
         summary += f" (steps {', '.join(map(str, kept[:20]))}{', ...' if len(kept) > 20 else ''})"
@@ -656,6 +689,8 @@ def cmd_gc(a: argparse.Namespace) -> int:
         summary += f"; {n(snapshots, 'snapshot')} untouched"
     if young:
         summary += f"; skipped {n(len(young), 'recent leftover')} (--min-age)"
+    if young_uploads:
+        summary += f"; skipped {n(young_uploads, 'recent multipart upload')} (--min-age)"
     if not policies:
         summary += "; no --keep option given, so every committed checkpoint is kept"
     print(summary)
@@ -843,7 +878,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add(
         "gc", "remove uncommitted leftovers; apply retention",
         "Remove uncommitted leftovers (interrupted saves under .tmp/, step directories without a valid "
-        "manifest) and, when a --keep option is given, delete the committed checkpoints that no --keep "
+        "manifest), abort the multipart uploads that killed writers left under ROOT on S3, and, when a --keep option is given, delete the committed checkpoints that no --keep "
         "option keeps (a checkpoint survives if any of them keeps it). The newest checkpoint and the "
         "steps in ROOT/.protected.json are never deleted; snapshots are not touched. A deletion first "
         "moves the step out of the way (into .tmp/), so an interrupted gc never leaves a half-deleted "
@@ -862,9 +897,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mode", choices=["min", "max"], default="min",
                     help="for --keep-best: min (lower is better, default) or max")  # fmt: skip
     sp.add_argument("--min-age", type=_parse_age, default=3600.0, metavar="AGE",
-                    help="leave leftovers that changed more recently than AGE alone, since they may be a "
-                         "save in progress; on object stores, where the age is unknown, only --min-age 0 "
-                         "removes leftovers (default 1h; e.g. 0, 30m, 2d)")  # fmt: skip
+                    help="leave leftovers that changed (and multipart uploads begun) more recently than AGE "
+                         "alone, since they may be a save in progress; on object stores, where a leftover's "
+                         "age is unknown, only --min-age 0 removes it (default 1h; e.g. 0, 30m, 2d)")  # fmt: skip
 
     sp = add(
         "bench", "measure the trainer stall per save against torch.save and DCP",

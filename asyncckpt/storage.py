@@ -275,7 +275,8 @@ class FsspecStorage:
 
         self.url = url
         self.protocol = url.split("://", 1)[0]
-        self.block_size = block_size
+        # the multipart part size: s3fs's own option, honoured here too (we pass it per open)
+        self.block_size = int((storage_options or {}).get("default_block_size", block_size))
         self.retries = retries
         self._secrets = _secrets(storage_options)
         self._shown = redact(storage_options)
@@ -370,6 +371,37 @@ class FsspecStorage:
                 f.close()
         except Exception:
             pass
+
+    def pending_uploads(self, root: str) -> list[tuple[str, str, float | None]]:
+        """Multipart uploads begun under ``root`` and never completed nor aborted, as
+        (object URL, upload id, start time); a writer killed mid-upload leaves these behind,
+        and the store keeps (and bills) their parts until they are aborted."""
+        if self.protocol not in ("s3", "s3a"):
+            return []
+        bucket, _, prefix = root.split("://", 1)[1].partition("/")
+        prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        query: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+        out: list[tuple[str, str, float | None]] = []
+        while True:
+            page = self._call(
+                "list multipart uploads", root, self.fs.call_s3, "list_multipart_uploads", **query
+            )
+            for u in page.get("Uploads") or []:
+                if not u["Key"].startswith(prefix):
+                    continue
+                started = u.get("Initiated")
+                when = started.timestamp() if hasattr(started, "timestamp") else None
+                out.append((f"{self.protocol}://{bucket}/{u['Key']}", u["UploadId"], when))
+            if not page.get("IsTruncated"):
+                return out
+            query.update(KeyMarker=page.get("NextKeyMarker"), UploadIdMarker=page.get("NextUploadIdMarker"))
+
+    def abort_upload(self, url: str, upload_id: str) -> None:
+        bucket, _, key = url.split("://", 1)[1].partition("/")
+        self._call(
+            "abort multipart upload", url, self.fs.call_s3, "abort_multipart_upload",
+            Bucket=bucket, Key=key, UploadId=upload_id,
+        )  # fmt: skip
 
     def open_read(self, path: str) -> BinaryIO:
         return self._call("open for reading", path, self.fs.open, path, "rb", block_size=self.block_size)
