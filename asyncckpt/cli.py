@@ -17,12 +17,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, TextIO
+from typing import Any
 
 from . import layout
 from .errors import AsyncCheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError
 from .handle import CheckpointInfo
 from .manifest import Manifest
+from .progress import Progress, human_bytes
 from .resume import list_checkpoints, list_leftovers, read_manifest
 from .storage import Storage, storage_for
 
@@ -30,15 +31,6 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 # --------------------------------------------------------------------------- formatting
-
-
-def human_bytes(n: float) -> str:
-    """``1536`` -> ``"1.5 KiB"``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def iso_time(t: float) -> str:
@@ -68,55 +60,6 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequenc
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
-
-
-class ProgressBar:
-    """A one-line byte progress bar on stderr, silent unless that stream is a terminal."""
-
-    def __init__(
-        self, total: int, label: str = "", stream: TextIO | None = None, enabled: bool | None = None
-    ) -> None:
-        self.total, self.label, self.done = max(0, total), label, 0
-        self.stream = stream if stream is not None else sys.stderr
-        if enabled is None:
-            isatty = getattr(self.stream, "isatty", None)
-            enabled = bool(isatty and isatty())
-        self.enabled = enabled
-        self._last = 0.0
-        self._width = 0
-        self._start = time.monotonic()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if self.enabled and (now - self._last >= 0.1 or self.done >= self.total):
-            self._last = now
-            self._draw()
-
-    def _draw(self) -> None:
-        frac = min(1.0, self.done / self.total) if self.total else 1.0
-        filled = int(frac * 30)
-        rate = self.done / max(1e-9, time.monotonic() - self._start)
-        text = (
-            f"{self.label} [{'#' * filled}{'.' * (30 - filled)}] {frac * 100:5.1f}% "
-            f"{human_bytes(self.done)}/{human_bytes(self.total)} {human_bytes(rate)}/s"
-        )
-        self._width = max(self._width, len(text))
-        self.stream.write("\r" + text.ljust(self._width))
-        self.stream.flush()
-
-    def close(self) -> None:
-        """Erase the bar so the result lines that follow start clean."""
-        if self.enabled and self._width:
-            self.stream.write("\r" + " " * self._width + "\r")
-            self.stream.flush()
-            self._width = 0
-
-    def __enter__(self) -> ProgressBar:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
 
 
 # --------------------------------------------------------------------------- locating checkpoints
@@ -429,7 +372,7 @@ def _verify_one(storage: Storage, target: Target) -> list[str]:
     except (CorruptCheckpointError, OSError) as e:
         return [_one_line(e)]
     label = layout.step_dirname(target.step)
-    with ProgressBar(_verify_bytes(m), label) as bar:
+    with Progress(_verify_bytes(m), label) as bar:
         return verify_files(storage, target.path, m, progress=bar.update)
 
 
@@ -489,7 +432,7 @@ def cmd_export(a: argparse.Namespace) -> int:
         bar.close()
         print(f"wrote {path}  ({n} tensor{'s' * (n != 1)}, {human_bytes(nbytes)})")
 
-    with ProgressBar(total, "export") as bar:
+    with Progress(total, "export") as bar:
         res = export_safetensors(
             storage,
             target.path,

@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from asyncckpt import AsyncCheckpointer, ConfigError, list_checkpoints
-from asyncckpt.cli import ProgressBar, human_bytes, main
+from asyncckpt.cli import main
 from asyncckpt.export import parse_size
+from asyncckpt.progress import Progress, human_bytes
 from asyncckpt.resume import list_leftovers
 from asyncckpt.state import flatten_state
 
@@ -501,11 +502,11 @@ def test_help_and_demo_dispatch(monkeypatch, capsys) -> None:
 
 def test_progress_bar_draws_only_on_a_terminal() -> None:
     quiet = io.StringIO()
-    with ProgressBar(100, "x", stream=quiet) as bar:  # StringIO is not a tty
+    with Progress(100, "x", stream=quiet) as bar:  # StringIO is not a tty
         bar.update(100)
     assert quiet.getvalue() == ""
     loud = io.StringIO()
-    bar = ProgressBar(2048, "verify", stream=loud, enabled=True)
+    bar = Progress(2048, "verify", stream=loud, force=True)
     bar.update(2048)
     assert "100.0%" in loud.getvalue() and "2.0 KiB/2.0 KiB" in loud.getvalue()
     bar.close()
