@@ -109,7 +109,9 @@ class AsyncCheckpointer:
             fast local directory, where ``committed`` resolves; each permanent one is then
             uploaded to ``root`` in the background (``SaveHandle.uploaded``).  Local
             retention keeps what is still uploading; ``resume`` prefers the local copy and
-            falls back to ``root`` when the local disk is empty (a new machine).
+            falls back to ``root`` when the local disk is empty (a new machine).  With
+            several ranks each rank commits its own part under ``local_dir/rankNNNNN`` and
+            rank 0 commits the joined step on ``root``, which ``resume`` then reads.
         commit_timeout: with several ranks: how long rank 0 waits for every rank's shards, and
             the other ranks for rank 0's manifest, before the save fails naming who is missing.
         on_stats: called with each save's stats record (the dict ``stats()`` lists) once it
@@ -236,18 +238,24 @@ class AsyncCheckpointer:
         )
 
         self._dist = distributed.current()
-        if self._dist is not None and local_dir is not None:
-            raise ConfigError(
-                "local_dir (the local-first tier) is not supported with several ranks yet; "
-                "use a shared root (or an s3:// root) directly"
-            )
+        # several ranks with a local-first tier: each rank keeps its own part of every step in
+        # its own directory (local disks are per node), and the parts are joined on the remote
+        self._pieces = self._dist is not None and local_dir is not None
+        if self._pieces:
+            assert self._dist is not None
+            if snapshot_every is not None:
+                raise ConfigError(
+                    "snapshot_every with local_dir and several ranks is not supported: a rolling "
+                    "snapshot must be loadable from one root; drop local_dir or snapshot_every"
+                )
+            self.root = os.path.join(self.root, f"rank{self._dist.rank:05d}")
         self.commit_timeout = float(commit_timeout)
         self._assignment: tuple[Any, set[str]] | None = None
         self._chunk_meta: tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]] = ({}, {})
         self._storage.makedirs(self.root)
         if (check := getattr(self._storage, "check_root", None)) is not None:
             check(self.root)  # a missing bucket fails now, not at the first save
-        if self._dist is None or self._dist.coordinator:
+        if self._dist is None or self._dist.coordinator or self._pieces:
             self._sweep_tmp()
         # every rank constructs the checkpointer together: agree on the run id (after the sweep)
         self._run_id = distributed.agree_run_id() if self._dist is not None else ""
@@ -257,23 +265,32 @@ class AsyncCheckpointer:
         if self._remote is not None and self.remote_root is not None:
             if (check_remote := getattr(self._remote, "check_root", None)) is not None:
                 check_remote(self.remote_root)
-            self._remote_retention = Retention(
+            if self._dist is None or self._dist.coordinator:  # one rank deletes remotely
+                self._remote_retention = Retention(
+                    self._remote,
+                    self.remote_root,
+                    self._keep,
+                    snapshot_slots,
+                    list_in(self._remote, self.remote_root),
+                )
+            self._uploader = Uploader(
+                self._storage,
                 self._remote,
                 self.remote_root,
-                self._keep,
-                snapshot_slots,
-                list_in(self._remote, self.remote_root),
+                self._on_uploaded,
+                self._on_upload_failed,
+                commit_timeout=self.commit_timeout,
             )
-            self._uploader = Uploader(
-                self._storage, self._remote, self.remote_root, self._on_uploaded, self._on_upload_failed
-            )
-            for info in existing:  # a crash may have interrupted uploads: finish them now
+            # a crash may have interrupted uploads: finish them now (one rank alone: a step of
+            # several ranks commits only if every rank uploads its part, so those are dropped)
+            for info in existing if not self._pieces else ():
                 if info.upload == "pending":
                     self._uploader.submit(SaveHandle(info.step), info)
         self._committed: set[int] = {c.step for c in existing if c.tier == "permanent"}
         self._snapshots: set[int] = {c.step for c in existing if c.tier == "snapshot"}
-        # only one rank deletes: rank 0 (others keep no policies and unlimited snapshot slots)
-        coordinator = self._dist is None or self._dist.coordinator
+        # only one rank deletes from a shared root: rank 0 (the others keep no policies and
+        # unlimited snapshot slots); each rank prunes its own local pieces
+        coordinator = self._dist is None or self._dist.coordinator or self._pieces
         self._retention = Retention(
             self._storage,
             self.root,
@@ -476,7 +493,7 @@ class AsyncCheckpointer:
         if self._disabled:
             return None
         self.wait()
-        sources = [(self._storage, self.root)]
+        sources = [] if self._pieces else [(self._storage, self.root)]  # a piece is not loadable
         if self._remote is not None and self.remote_root is not None:
             sources.append((self._remote, self.remote_root))
         loaded = resume_in(
@@ -734,10 +751,11 @@ class AsyncCheckpointer:
                 rec["upload_s"] = seconds
                 self._emit(rec)
                 break
-        if self._remote_retention is not None and self._uploader is not None:
+        if self._uploader is not None:
             uploading = self._uploader.uploading() - {info.step}
-            self._remote_retention.add(info)
-            self._remote_retention.apply(uploading)
+            if self._remote_retention is not None:
+                self._remote_retention.add(info)
+                self._remote_retention.apply(uploading)
             with self._lock:
                 in_flight = set(self._inflight)
             self._retention.apply(in_flight | uploading)
@@ -786,7 +804,8 @@ class AsyncCheckpointer:
             (self._committed if out.info.tier == "permanent" else self._snapshots).add(h.step)
             in_flight = set(self._inflight) - {h.step}
         if self._uploader is not None and out.info.tier == "permanent":
-            h.uploaded = self._uploader.submit(h, out.info, h.uploaded)
+            join = (job.write.tree, job.write.paths) if self._pieces else None
+            h.uploaded = self._uploader.submit(h, out.info, h.uploaded, join)
         # Retention runs after the commit and before the handle resolves, so a caller that
         # waited on the save sees the pruned root.
         self._retention.add(out.info)

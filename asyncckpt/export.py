@@ -363,6 +363,11 @@ def export_safetensors(
     """
     if "://" in out_dir:
         raise ConfigError(f"export writes to a local directory, got {out_dir!r}")
+    if manifest.piece is not None:
+        raise ConfigError(
+            f"{step_dir} holds only rank {manifest.piece}'s shards of a {manifest.world_size}-rank "
+            "checkpoint (one rank's part of a local-first tier); export the remote root's step"
+        )
     plan = plan_export(
         manifest, only=only, strip_prefix=strip_prefix, dtype=dtype, max_shard_size=max_shard_size
     )

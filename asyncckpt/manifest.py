@@ -90,6 +90,9 @@ class Manifest:
     torch_version: str = ""
     schema_version: int = SCHEMA_VERSION
     remote: str | None = None  # with a local-first tier: where this step is uploaded
+    # several ranks with a local-first tier: this local step holds only this rank's shards,
+    # committed on the remote root together with the other ranks' (never loaded by itself)
+    piece: int | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -114,6 +117,8 @@ class Manifest:
         }
         if self.remote is not None:
             doc["remote"] = self.remote
+        if self.piece is not None:
+            doc["piece"] = self.piece
         doc["checksum"] = _self_checksum(doc)
         return json.dumps(doc, indent=1, allow_nan=True).encode()
 
@@ -208,9 +213,13 @@ class _Parser:
         state = self.get(doc, "state", dict, "manifest")
         for key, node in state.items():
             self.node(node, f"state[{key!r}]", tensors, 0)
+        world_size = max(1, self.nonneg(doc, "world_size", "manifest"))
+        piece = self.nonneg(doc, "piece", "manifest") if "piece" in doc else None
+        if piece is not None and piece >= world_size:
+            raise self.fail(f"piece {piece} is not a rank of world size {world_size}")
         return Manifest(
             step=self.nonneg(doc, "step", "manifest"),
-            world_size=max(1, self.nonneg(doc, "world_size", "manifest")),
+            world_size=world_size,
             created_at=float(self.get(doc, "created_at", (int, float), "manifest")),
             tensors=tensors,
             files=files,
@@ -220,6 +229,7 @@ class _Parser:
             torch_version=str(doc.get("torch_version", "")),
             schema_version=version,
             remote=doc["remote"] if isinstance(doc.get("remote"), str) else None,
+            piece=piece,
         )
 
     def tensor(self, fqn: str, t: Any, files: dict[str, dict[str, int]]) -> TensorEntry:

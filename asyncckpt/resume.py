@@ -271,6 +271,11 @@ def resume_in(
                 raise CorruptCheckpointError(
                     f"{path}: manifest says step {manifest.step}, directory says {s}"
                 )
+            if manifest.piece is not None:
+                raise CorruptCheckpointError(
+                    f"{path} holds only rank {manifest.piece}'s shards of a {manifest.world_size}-rank "
+                    "checkpoint (one rank's part of a local-first tier); resume from the remote root"
+                )
             problems = file_problems(storage, path, manifest, shard_files(manifest))
             if problems:
                 raise CorruptCheckpointError("; ".join(problems))

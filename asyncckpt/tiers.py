@@ -17,10 +17,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import layout
 from .handle import CheckpointInfo, SaveHandle
+from .manifest import Manifest
+from .policy import PERMANENT
 from .storage import Storage, retrying
+from .writer import await_manifest, gather_done_records, write_done_record, write_manifest
 
 __all__ = ["UPLOADED_MARKER", "Uploader", "upload_step"]
 
@@ -53,16 +57,54 @@ def _copy_file(src: Storage, src_path: str, dst: Storage, dst_path: str) -> int:
 def upload_step(local: Storage, local_dir: str, remote: Storage, remote_dir: str) -> int:
     """Copy a committed step; the manifest goes last.  Returns the bytes uploaded."""
     names = [n for n in local.listdir(local_dir) if n not in (layout.MANIFEST, UPLOADED_MARKER)]
+    remote.makedirs(remote_dir)  # a shared POSIX remote (object stores need none)
     total = 0
     for name in names:
         total += _copy_file(local, layout.join(local_dir, name), remote, layout.join(remote_dir, name))
     total += _copy_file(
         local, layout.join(local_dir, layout.MANIFEST), remote, layout.join(remote_dir, layout.MANIFEST)
     )
+    _mark_uploaded(local, local_dir)
+    return total
+
+
+def _mark_uploaded(local: Storage, local_dir: str) -> None:
     marker = layout.join(local_dir, UPLOADED_MARKER)
     f = local.open_write(marker)
     local.finish_write(f, marker, 0)
-    return total
+
+
+def upload_piece(
+    local: Storage,
+    local_dir: str,
+    remote: Storage,
+    remote_dir: str,
+    tree: dict[str, Any],
+    paths: dict[str, tuple[str | int, ...]],
+    timeout: float,
+) -> tuple[int, CheckpointInfo]:
+    """Several ranks: upload this rank's piece of a step, then its done record; rank 0 waits
+    for every rank's record and writes the manifest (the commit), the others wait for it.
+    Returns the bytes this rank uploaded and the committed remote step."""
+    path = layout.join(local_dir, layout.MANIFEST)
+    m = Manifest.from_json(local.read_bytes(path), path)
+    rank = m.piece
+    assert rank is not None
+    own = {n: f for n, f in m.files.items() if n not in (layout.MANIFEST, layout.DCP_METADATA)}
+    remote.makedirs(remote_dir)
+    total = 0
+    for name in own:
+        total += _copy_file(local, layout.join(local_dir, name), remote, layout.join(remote_dir, name))
+    retrying(remote, lambda: write_done_record(remote, remote_dir, rank, m.tensors, own))
+    if rank == 0:
+        tensors, files = gather_done_records(remote, remote_dir, m.step, m.world_size, timeout)
+        joined = dataclasses.replace(
+            m, tensors=tensors, files=files, state=tree, remote=None, piece=None, created_at=time.time()
+        )
+        write_manifest(remote, remote_dir, joined, paths)
+    else:
+        joined = await_manifest(remote, remote_dir, m.step, timeout)
+    return total, CheckpointInfo.from_manifest(joined, remote_dir, PERMANENT)
 
 
 @dataclass
@@ -70,6 +112,8 @@ class _Upload:
     handle: SaveHandle
     info: CheckpointInfo
     future: concurrent.futures.Future[CheckpointInfo] = field(default_factory=concurrent.futures.Future)
+    # several ranks: the state tree and DCP paths of the joined manifest (a piece has neither)
+    join: tuple[dict[str, Any], dict[str, tuple[str | int, ...]]] | None = None
 
 
 class Uploader:
@@ -82,8 +126,10 @@ class Uploader:
         remote_root: str,
         on_uploaded: Callable[[CheckpointInfo, float], None],
         on_failed: Callable[[SaveHandle, BaseException], None],
+        commit_timeout: float = 600.0,
     ) -> None:
         self.local, self.remote, self.remote_root = local, remote, remote_root
+        self.commit_timeout = commit_timeout
         self.on_uploaded, self.on_failed = on_uploaded, on_failed
         self.pending: dict[int, _Upload] = {}
         self._lock = threading.Lock()
@@ -96,8 +142,9 @@ class Uploader:
         handle: SaveHandle,
         info: CheckpointInfo,
         future: concurrent.futures.Future[CheckpointInfo] | None = None,
+        join: tuple[dict[str, Any], dict[str, tuple[str | int, ...]]] | None = None,
     ) -> concurrent.futures.Future[CheckpointInfo]:
-        up = _Upload(handle, info) if future is None else _Upload(handle, info, future)
+        up = _Upload(handle, info, future or concurrent.futures.Future(), join)
         with self._lock:
             self.pending[info.step] = up
         self._queue.put(up)
@@ -123,7 +170,14 @@ class Uploader:
             remote_dir = layout.join(self.remote_root, layout.step_dirname(step))
             t0 = time.perf_counter()
             try:
-                nbytes = upload_step(self.local, up.info.path, self.remote, remote_dir)
+                if up.join is not None:
+                    nbytes, remote_info = upload_piece(
+                        self.local, up.info.path, self.remote, remote_dir, *up.join, self.commit_timeout
+                    )
+                    _mark_uploaded(self.local, up.info.path)
+                else:
+                    nbytes = upload_step(self.local, up.info.path, self.remote, remote_dir)
+                    remote_info = dataclasses.replace(up.info, path=remote_dir, upload="uploaded")
             except BaseException as e:
                 log.error("asyncckpt: uploading step %d to %s failed: %s", step, remote_dir, e)
                 with self._lock:
@@ -133,7 +187,6 @@ class Uploader:
                 continue
             seconds = time.perf_counter() - t0
             log.info("step=%d uploaded %.1fMiB in %.2fs to %s", step, nbytes / 2**20, seconds, remote_dir)
-            remote_info = dataclasses.replace(up.info, path=remote_dir, upload="uploaded")
             self.on_uploaded(remote_info, seconds)
             with self._lock:
                 self.pending.pop(step, None)

@@ -394,7 +394,10 @@ def write_and_commit(
     """
     t0 = time.perf_counter()
     final = layout.join(job.root, layout.step_dirname(job.step))
-    several = job.world_size > 1
+    # several ranks with a local-first tier: each rank commits its own shards as a piece in
+    # its own local root; the uploader joins the pieces on the remote root (tiers.py)
+    piece = job.world_size > 1 and job.remote is not None
+    several = job.world_size > 1 and not piece
     own_bytes = 0
     if storage.atomic_rename:
         # ranks share one temp directory per step, named by the run id they agreed on
@@ -427,27 +430,27 @@ def write_and_commit(
             for e in job.entries
         }
         if several:
-            _write_done_record(storage, tmp, job.rank, tensors, files)
+            write_done_record(storage, tmp, job.rank, tensors, files)
             if job.rank != 0:
                 return _await_commit(storage, job, final, t0, t_written, files, should_abort)
             own_bytes = sum(f["size"] for f in files.values())
-            tensors, files = _gather_done_records(storage, tmp, job, should_abort)
-        meta = pickle.dumps(dcp_metadata(tensors, job.paths))
-        files[layout.DCP_METADATA] = _write_small(storage, layout.join(tmp, layout.DCP_METADATA), meta)
+            tensors, files = gather_done_records(
+                storage, tmp, job.step, job.world_size, job.commit_timeout, should_abort
+            )
         manifest = Manifest(
             step=job.step,
             world_size=job.world_size,
             created_at=time.time(),
             tensors=tensors,
             files=files,
-            state=job.tree,
+            state={} if piece else job.tree,  # a piece's tree may name other ranks' tensors
             metrics=job.metrics,
             library_version=job.library_version,
             torch_version=torch.__version__,
             remote=job.remote,
+            piece=job.rank if piece else None,
         )
-        _check_abort(should_abort, job.step)
-        _write_small(storage, layout.join(tmp, layout.MANIFEST), manifest.to_json())
+        write_manifest(storage, tmp, manifest, job.paths, should_abort)
         if storage.atomic_rename:
             storage.sync_dir(tmp)
             _check_abort(should_abort, job.step)
@@ -474,10 +477,27 @@ def write_and_commit(
     )
 
 
+def write_manifest(
+    storage: Storage,
+    directory: str,
+    manifest: Manifest,
+    paths: dict[str, tuple[str | int, ...]],
+    should_abort: Callable[[], bool] | None = None,
+) -> None:
+    """DCP's ``.metadata`` (added to the manifest's files), then ``manifest.json``: the commit
+    point on an object store, the last file before the rename on POSIX."""
+    meta = pickle.dumps(dcp_metadata(manifest.tensors, paths))
+    manifest.files[layout.DCP_METADATA] = _write_small(
+        storage, layout.join(directory, layout.DCP_METADATA), meta
+    )
+    _check_abort(should_abort, manifest.step)
+    _write_small(storage, layout.join(directory, layout.MANIFEST), manifest.to_json())
+
+
 DONE_SUFFIX = ".done.json"
 
 
-def _write_done_record(
+def write_done_record(
     storage: Storage,
     directory: str,
     rank: int,
@@ -517,14 +537,19 @@ def _poll(cond: Callable[[], Any], timeout: float, should_abort: Callable[[], bo
         delay = min(0.5, delay * 1.5)
 
 
-def _gather_done_records(
-    storage: Storage, directory: str, job: WriteJob, should_abort: Callable[[], bool] | None
+def gather_done_records(
+    storage: Storage,
+    directory: str,
+    step: int,
+    world_size: int,
+    timeout: float,
+    should_abort: Callable[[], bool] | None = None,
 ) -> tuple[dict[str, TensorEntry], dict[str, dict[str, int]]]:
     """Coordinator: wait for every rank's done record and merge them."""
     records: dict[int, dict[str, Any]] = {}
 
     def collect() -> bool:
-        for r in range(job.world_size):
+        for r in range(world_size):
             if r in records:
                 continue
             path = layout.join(directory, f"__{r}{DONE_SUFFIX}")
@@ -533,14 +558,14 @@ def _gather_done_records(
                     records[r] = json.loads(storage.read_bytes(path))
                 except (ValueError, OSError):
                     continue  # not fully visible yet
-        return len(records) == job.world_size
+        return len(records) == world_size
 
-    if not _poll(collect, job.commit_timeout, should_abort, job.step):
+    if not _poll(collect, timeout, should_abort, step):
         from .errors import CheckpointTimeoutError
 
-        missing = sorted(set(range(job.world_size)) - set(records))
+        missing = sorted(set(range(world_size)) - set(records))
         raise CheckpointTimeoutError(
-            f"step {job.step}: ranks {missing} did not finish writing within {job.commit_timeout:.0f}s "
+            f"step {step}: ranks {missing} did not finish writing within {timeout:.0f}s "
             "(crashed or stuck); the step is not committed. Check those ranks' logs, or raise "
             "commit_timeout for slow storage"
         )
@@ -566,19 +591,25 @@ def _await_commit(
     should_abort: Callable[[], bool] | None,
 ) -> WriteOutcome:
     """A non-coordinating rank: its part is durable; wait for rank 0's manifest."""
-    manifest_path = layout.join(final, layout.MANIFEST)
-    if not _poll(lambda: storage.exists(manifest_path), job.commit_timeout, should_abort, job.step):
-        from .errors import CheckpointTimeoutError
-
-        raise CheckpointTimeoutError(
-            f"step {job.step}: rank 0 did not commit within {job.commit_timeout:.0f}s (crashed or "
-            "stuck); this rank's shards are written but the step is not committed"
-        )
-    m = Manifest.from_json(storage.read_bytes(manifest_path), manifest_path)
+    m = await_manifest(storage, final, job.step, job.commit_timeout, should_abort)
     t1 = time.perf_counter()
     info = CheckpointInfo.from_manifest(m, final, job.tier)
     mine = sum(f["size"] for f in files.values())
     return WriteOutcome(info=info, bytes_written=mine, write_seconds=t1 - t0, commit_seconds=t1 - t_written)
+
+
+def await_manifest(
+    storage: Storage, final: str, step: int, timeout: float, should_abort: Callable[[], bool] | None = None
+) -> Manifest:
+    manifest_path = layout.join(final, layout.MANIFEST)
+    if not _poll(lambda: storage.exists(manifest_path), timeout, should_abort, step):
+        from .errors import CheckpointTimeoutError
+
+        raise CheckpointTimeoutError(
+            f"step {step}: rank 0 did not commit within {timeout:.0f}s (crashed or "
+            "stuck); this rank's shards are written but the step is not committed"
+        )
+    return Manifest.from_json(storage.read_bytes(manifest_path), manifest_path)
 
 
 class WriteAborted(RuntimeError):

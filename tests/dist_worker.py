@@ -113,6 +113,53 @@ def main() -> None:
             assert "rank 0 did not commit" in str(e), e
             print("CLEAR ERROR:", e, flush=True)
         os._exit(0)
+    elif name == "save_local_tier":  # remote root, local_dir, executor: steps 1..3, keep 2
+        local_dir, executor = args[1], args[2]
+        for step in (1, 2, 3):
+            state = sharded_state(world, step)
+            if step == 1:
+                ck = AsyncCheckpointer(
+                    root, state, local_dir=local_dir, keep=2, executor=executor, commit_timeout=60
+                )
+            else:
+                ck.state = state
+            h = ck.save_async(step)
+            local = h.result(timeout=60)  # this rank's part is on its local disk
+            assert local.path.startswith(os.path.join(local_dir, f"rank{rank:05d}")), local.path
+            remote = h.uploaded.result(timeout=60)  # every rank's part is on the remote: committed
+            assert remote.world_size == world and remote.path.startswith(root), remote
+        ck.close()
+        assert [c.step for c in list_checkpoints(root)] == [2, 3]
+        mine = list_checkpoints(os.path.join(local_dir, f"rank{rank:05d}"))
+        assert [(c.step, c.upload) for c in mine] == [(2, "uploaded"), (3, "uploaded")], mine
+        state = sharded_state(world, 0, zero=True)
+        with AsyncCheckpointer(root, state, local_dir=local_dir) as ck2:
+            assert ck2.resume() == 3  # from the remote root: a local piece alone is not loadable
+        check_sharded(state, 3)
+
+    elif name == "local_tier_rank_dies":  # remote root, local_dir: rank 1 dies before its record
+        from asyncckpt.storage import LocalStorage
+
+        class Dying(LocalStorage):
+            def open_write(self, path: str):
+                if rank == 1 and "step_000000002" in path and path.endswith(".done.json.part"):
+                    os._exit(23)  # its shards are uploaded; its done record never appears
+                return super().open_write(path)
+
+        state = sharded_state(world, 1)
+        ck = AsyncCheckpointer(root, state, local_dir=args[1], commit_timeout=4, storage=Dying())
+        ck.save_async(1).uploaded.result(timeout=60)
+        h = ck.save_async(2)
+        h.result(timeout=60)  # committed locally on every rank
+        try:
+            h.uploaded.result(timeout=60)
+        except Exception as e:
+            assert "ranks [1] did not finish" in str(e), e
+            print("CLEAR ERROR:", e, flush=True)
+        else:
+            raise AssertionError("step 2 committed on the remote without rank 1")
+        assert [c.step for c in list_checkpoints(root)] == [1]
+        os._exit(0)
     else:
         raise SystemExit(f"unknown scenario {name}")
     if world > 1:

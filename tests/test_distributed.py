@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from asyncckpt import list_checkpoints, resume
+from asyncckpt import CorruptCheckpointError, list_checkpoints, resume
+from asyncckpt.cli import main as cli_main
 from asyncckpt.resume import read_manifest
 from asyncckpt.storage import LocalStorage
 
@@ -151,3 +152,36 @@ def test_fsdp_example_crashes_on_two_ranks_and_resumes_on_one(tmp_path) -> None:
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"world size 1: starting at step {committed[-1][0]}" in resumed.stdout
     assert [(c.step, c.world_size) for c in list_checkpoints(root)] == [(20, 1), (25, 1), (30, 1)]
+
+
+@pytest.mark.parametrize("executor", ["thread", "process"])
+def test_local_tier_with_several_ranks_joins_the_parts_on_the_remote(tmp_path, executor: str) -> None:
+    """Each rank commits its own shards to its local disk, uploads them, and rank 0 commits the
+    joined step on the remote root; retention prunes both tiers; resume reads the remote."""
+    remote, local = str(tmp_path / "remote"), str(tmp_path / "nvme")
+    ok(run_ranks(2, "save_local_tier", tmp_path, remote, local, executor))
+    m = read_manifest(LocalStorage(), os.path.join(remote, "step_000000003"))
+    assert m.world_size == 2 and m.piece is None and m.remote is None
+    assert len(m.tensors["w.a"].chunks) == 2 and len(m.tensors["rep"].chunks) == 1
+    state = {
+        "w": {"a": torch.zeros(16, 4), "b": torch.zeros(8, 6)},
+        "rep": torch.zeros(100),
+        "extra": {"step": 0},
+    }
+    assert resume(remote, state) == 3  # on one process, resharded
+    assert torch.equal(state["w"]["a"], full("a", 3)) and torch.equal(state["rep"], replicated(3))
+    piece = read_manifest(LocalStorage(), os.path.join(local, "rank00001", "step_000000003"))
+    assert piece.piece == 1 and piece.world_size == 2
+    with pytest.raises(CorruptCheckpointError, match="holds only rank 0's shards"):
+        resume(os.path.join(local, "rank00000"), state)
+    out = str(tmp_path / "export")  # nor exported: it would be partial tensors
+    assert cli_main(["export", os.path.join(local, "rank00001"), out]) != 0 and not os.path.exists(out)
+
+
+def test_local_tier_rank_dying_before_its_upload_commits_nothing_remotely(tmp_path) -> None:
+    remote, local = str(tmp_path / "remote"), str(tmp_path / "nvme")
+    res = run_ranks(2, "local_tier_rank_dies", tmp_path, remote, local)
+    assert res[1].returncode == 23 and res[0].returncode == 0, res[0].stderr[-3000:]
+    assert "CLEAR ERROR" in res[0].stdout and "ranks [1] did not finish" in res[0].stdout
+    assert [c.step for c in list_checkpoints(remote)] == [1]
+    assert not os.path.exists(os.path.join(remote, "step_000000002", "manifest.json"))
