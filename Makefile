@@ -25,8 +25,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check asyncckpt tests benchmarks
 	$(VENV)/bin/mypy asyncckpt
 
+# the full suite against every alternative: JSON in benchmarks/results, plots in docs/img
 bench: $(STAMP)
-	$(PY) -m benchmarks.bench_stall
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m benchmarks.run --json benchmarks/results/run_cpu.json --plots docs/img
 
 clean:
 	rm -rf $(VENV) checkpoints .pytest_cache

@@ -286,6 +286,8 @@ HOSTILE: dict[str, Callable[[dict[str, Any]], None]] = {
     "world_size a string": _set(["world_size"], "1"),
     "created_at a string": _set(["created_at"], "yesterday"),
     "metrics a list": _set(["metrics"], [1, 2]),
+    "piece beyond the world size": _set(["piece"], 1),
+    "piece a string": _set(["piece"], "0"),
     # the manifest's own checksum (cases above rewrite it to match, as an attacker would)
     "checksum stale": _set(["state", "extra", "items", 0, 1, "v"], 3),
     "checksum stripped, ../ name": _rename_file("../../outside/secret.bin"),
