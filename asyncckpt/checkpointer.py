@@ -804,7 +804,7 @@ class AsyncCheckpointer:
             (self._committed if out.info.tier == "permanent" else self._snapshots).add(h.step)
             in_flight = set(self._inflight) - {h.step}
         if self._uploader is not None and out.info.tier == "permanent":
-            join = (job.write.tree, job.write.paths) if self._pieces else None
+            join = (job.write.tree, job.write.paths, self._run_id) if self._pieces else None
             h.uploaded = self._uploader.submit(h, out.info, h.uploaded, join)
         # Retention runs after the commit and before the handle resolves, so a caller that
         # waited on the save sees the pruned root.

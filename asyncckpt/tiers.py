@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import layout
+from .errors import StepExistsError
 from .handle import CheckpointInfo, SaveHandle
 from .manifest import Manifest
 from .policy import PERMANENT
 from .storage import Storage, retrying
-from .writer import await_manifest, gather_done_records, write_done_record, write_manifest
+from .writer import DONE_SUFFIX, await_manifest, gather_done_records, write_done_record, write_manifest
 
 __all__ = ["UPLOADED_MARKER", "Uploader", "upload_step"]
 
@@ -81,6 +82,7 @@ def upload_piece(
     remote_dir: str,
     tree: dict[str, Any],
     paths: dict[str, tuple[str | int, ...]],
+    run_id: str,
     timeout: float,
 ) -> tuple[int, CheckpointInfo]:
     """Several ranks: upload this rank's piece of a step, then its done record; rank 0 waits
@@ -91,13 +93,19 @@ def upload_piece(
     rank = m.piece
     assert rank is not None
     own = {n: f for n, f in m.files.items() if n not in (layout.MANIFEST, layout.DCP_METADATA)}
+    if remote.exists(layout.join(remote_dir, layout.MANIFEST)):
+        raise StepExistsError(f"step {m.step} is already committed at {remote_dir}")
     remote.makedirs(remote_dir)
+    if remote.atomic_rename:  # a POSIX remote: a crashed run's files here would block ours
+        for name in [*own, f"__{rank}{DONE_SUFFIX}", f"__{rank}{DONE_SUFFIX}.part"]:
+            if remote.exists(layout.join(remote_dir, name)):
+                remote.rmtree(layout.join(remote_dir, name))  # a file: unlinked
     total = 0
     for name in own:
         total += _copy_file(local, layout.join(local_dir, name), remote, layout.join(remote_dir, name))
-    retrying(remote, lambda: write_done_record(remote, remote_dir, rank, m.tensors, own))
+    retrying(remote, lambda: write_done_record(remote, remote_dir, rank, m.tensors, own, run_id))
     if rank == 0:
-        tensors, files = gather_done_records(remote, remote_dir, m.step, m.world_size, timeout)
+        tensors, files = gather_done_records(remote, remote_dir, m.step, m.world_size, timeout, run_id=run_id)
         joined = dataclasses.replace(
             m, tensors=tensors, files=files, state=tree, remote=None, piece=None, created_at=time.time()
         )
@@ -112,8 +120,9 @@ class _Upload:
     handle: SaveHandle
     info: CheckpointInfo
     future: concurrent.futures.Future[CheckpointInfo] = field(default_factory=concurrent.futures.Future)
-    # several ranks: the state tree and DCP paths of the joined manifest (a piece has neither)
-    join: tuple[dict[str, Any], dict[str, tuple[str | int, ...]]] | None = None
+    # several ranks: the joined manifest's state tree and DCP paths (a piece has neither),
+    # and the run id the ranks agreed on
+    join: tuple[dict[str, Any], dict[str, tuple[str | int, ...]], str] | None = None
 
 
 class Uploader:
@@ -142,7 +151,7 @@ class Uploader:
         handle: SaveHandle,
         info: CheckpointInfo,
         future: concurrent.futures.Future[CheckpointInfo] | None = None,
-        join: tuple[dict[str, Any], dict[str, tuple[str | int, ...]]] | None = None,
+        join: tuple[dict[str, Any], dict[str, tuple[str | int, ...]], str] | None = None,
     ) -> concurrent.futures.Future[CheckpointInfo]:
         up = _Upload(handle, info, future or concurrent.futures.Future(), join)
         with self._lock:

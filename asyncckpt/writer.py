@@ -452,12 +452,12 @@ def write_and_commit(
             for e in job.entries
         }
         if several:
-            write_done_record(storage, tmp, job.rank, tensors, files)
+            write_done_record(storage, tmp, job.rank, tensors, files, job.run_id)
             if job.rank != 0:
                 return _await_commit(storage, job, final, t0, t_written, files, should_abort)
             own_bytes = sum(f["size"] for f in files.values())
             tensors, files = gather_done_records(
-                storage, tmp, job.step, job.world_size, job.commit_timeout, should_abort
+                storage, tmp, job.step, job.world_size, job.commit_timeout, should_abort, job.run_id
             )
         manifest = Manifest(
             step=job.step,
@@ -525,10 +525,14 @@ def write_done_record(
     rank: int,
     tensors: dict[str, TensorEntry],
     files: dict[str, dict[str, int]],
+    run_id: str = "",
 ) -> None:
-    """This rank's part of the manifest; written last by the rank, atomically."""
+    """This rank's part of the manifest; written last by the rank, atomically.  ``run_id``
+    (agreed by the ranks at construction) keeps a record left by an earlier, crashed run at
+    the same step from being mistaken for this run's."""
     doc = {
         "rank": rank,
+        "run_id": run_id,
         "files": files,
         "tensors": {
             k: {"dtype": t.dtype, "shape": t.shape, "chunks": [c.to_json() for c in t.chunks]}
@@ -566,8 +570,9 @@ def gather_done_records(
     world_size: int,
     timeout: float,
     should_abort: Callable[[], bool] | None = None,
+    run_id: str = "",
 ) -> tuple[dict[str, TensorEntry], dict[str, dict[str, int]]]:
-    """Coordinator: wait for every rank's done record and merge them."""
+    """Coordinator: wait for every rank's done record of this run and merge them."""
     records: dict[int, dict[str, Any]] = {}
 
     def collect() -> bool:
@@ -577,9 +582,11 @@ def gather_done_records(
             path = layout.join(directory, f"__{r}{DONE_SUFFIX}")
             if storage.exists(path):
                 try:
-                    records[r] = json.loads(storage.read_bytes(path))
+                    record = json.loads(storage.read_bytes(path))
                 except (ValueError, OSError):
                     continue  # not fully visible yet
+                if record.get("run_id", "") == run_id:  # else a crashed run's: wait for ours
+                    records[r] = record
         return len(records) == world_size
 
     if not _poll(collect, timeout, should_abort, step):

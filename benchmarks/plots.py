@@ -266,6 +266,10 @@ def _fmt_ms(s: float) -> str:
     return f"{s * 1e3:.1f}" if s < 10 else f"{s * 1e3:.0f}"
 
 
+def _of_runs(n: int) -> str:
+    return "the slower of 2 runs" if n == 2 else f"the median of {n} runs"
+
+
 def markdown(res: dict[str, Any]) -> str:
     """The result's tables, for docs/benchmarks.md."""
     out: list[str] = []
@@ -300,7 +304,7 @@ def markdown(res: dict[str, Any]) -> str:
         kind, every = key.split("/")
         out += [
             f"\n**Overhead, {kind} step of {cfg.get('step_s', 0) * 1e3:.0f} ms, save {every.replace('every', 'every ')} "
-            f"steps, {cfg.get('size_gib')} GiB state, {cfg.get('steps')} steps** (median of {cfg.get('reps')} runs)\n",
+            f"steps, {cfg.get('size_gib')} GiB state, {cfg.get('steps')} steps** ({_of_runs(cfg.get('reps', 1))})\n",
             "| method | loop overhead | saves | skipped | staleness mean / max (steps) | when busy |",
             "|---|---:|---:|---:|---:|---|",
         ]

@@ -351,7 +351,7 @@ def overhead_scenario(args: argparse.Namespace) -> dict[str, Any]:
                     log(f"  {errors[0]['error']}")
                     out[key][lib] = errors[0]
                     continue
-                best = sorted(runs, key=lambda r: r["loop_s"])[len(runs) // 2]  # the median run
+                best = sorted(runs, key=lambda r: r["loop_s"])[len(runs) // 2]  # median (of 2: slower)
                 best["loop_s_all"] = [r["loop_s"] for r in runs]
                 out[key][lib] = best
             base = out[key]["none"].get("loop_s")

@@ -159,7 +159,21 @@ def test_local_tier_with_several_ranks_joins_the_parts_on_the_remote(tmp_path, e
     """Each rank commits its own shards to its local disk, uploads them, and rank 0 commits the
     joined step on the remote root; retention prunes both tiers; resume reads the remote."""
     remote, local = str(tmp_path / "remote"), str(tmp_path / "nvme")
+    # a crashed earlier run left rank 1's shard and done record of step 2 behind, never committed
+    stale = tmp_path / "remote" / "step_000000002"
+    stale.mkdir(parents=True)
+    (stale / "__1_0.distcp").write_bytes(b"stale bytes")
+    (stale / "__1.done.json").write_text(
+        json.dumps({"rank": 1, "files": {"__1_0.distcp": {"size": 11}}, "tensors": {}})
+    )
     ok(run_ranks(2, "save_local_tier", tmp_path, remote, local, executor))
+    two = {
+        "w": {"a": torch.zeros(16, 4), "b": torch.zeros(8, 6)},
+        "rep": torch.zeros(100),
+        "extra": {"step": 0},
+    }
+    assert resume(remote, two, step=2) == 2  # this run's parts, not the stale record
+    assert torch.equal(two["w"]["a"], full("a", 2)) and torch.equal(two["w"]["b"], full("b", 2))
     m = read_manifest(LocalStorage(), os.path.join(remote, "step_000000003"))
     assert m.world_size == 2 and m.piece is None and m.remote is None
     assert len(m.tensors["w.a"].chunks) == 2 and len(m.tensors["rep"].chunks) == 1
