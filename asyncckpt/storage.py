@@ -367,6 +367,9 @@ class FsspecStorage:
             discard = getattr(f, "discard", None)
             if discard is not None:
                 discard()
+                # nothing is left to flush: without this, s3fs tries anyway when the file is
+                # garbage-collected, and warns
+                f.closed = True  # type: ignore[misc]
             else:
                 f.close()
         except Exception:
