@@ -99,6 +99,17 @@ def expected_state(numel: int, step: int) -> dict[str, Any]:
     return s
 
 
+def save_two_steps(root: str, numel: int) -> None:
+    """Steps 1 and 2 of ``make_state(numel)``, each filled for its step, committed at ``root``."""
+    from asyncckpt import AsyncCheckpointer
+
+    state = make_state(numel)
+    with AsyncCheckpointer(root, state) as ck:
+        for s in (1, 2):
+            fill(state, s)
+            ck.save_async(s).result()
+
+
 def _raw(t: torch.Tensor) -> bytes:
     return bytes(t.contiguous().view(-1).view(torch.uint8).numpy())
 

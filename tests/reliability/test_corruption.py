@@ -37,7 +37,17 @@ from asyncckpt.reader import verify_files
 from asyncckpt.resume import read_manifest
 from asyncckpt.storage import LocalStorage
 
-from ._support import expected_state, fill, knob, make_state, report, seed, slow_enabled, state_mismatch
+from ._support import (
+    expected_state,
+    fill,
+    knob,
+    make_state,
+    report,
+    save_two_steps,
+    seed,
+    slow_enabled,
+    state_mismatch,
+)
 
 NUMEL = 1 << 12
 MUTATIONS = ("flip", "truncate", "delete", "zero", "append", "flip_digit")
@@ -276,11 +286,7 @@ def test_flipped_bit_in_the_checksum_key_is_detected(tmp_path) -> None:
 
 def _two_steps(tmp_path) -> tuple[str, str]:
     root = str(tmp_path / "ckpt")
-    state = make_state(NUMEL)
-    with AsyncCheckpointer(root, state) as ck:
-        for s in (1, 2):
-            fill(state, s)
-            ck.save_async(s).result()
+    save_two_steps(root, NUMEL)
     return root, os.path.join(root, "step_000000002", "manifest.json")
 
 

@@ -35,7 +35,7 @@ from asyncckpt.resume import read_manifest
 from asyncckpt.storage import LocalStorage
 
 from ..helpers import rewrite_manifest
-from ._support import FileAudit, fill, make_state, report, state_mismatch
+from ._support import FileAudit, fill, make_state, report, save_two_steps, state_mismatch
 
 NUMEL = 1 << 12
 STEP2 = "step_000000002"
@@ -52,11 +52,7 @@ class _Canary:
 @pytest.fixture
 def two_steps(tmp_path) -> str:
     root = str(tmp_path / "ckpt")
-    state = make_state(NUMEL)
-    with AsyncCheckpointer(root, state) as ck:
-        for s in (1, 2):
-            fill(state, s)
-            ck.save_async(s).result()
+    save_two_steps(root, NUMEL)
     return root
 
 

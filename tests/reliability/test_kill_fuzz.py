@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+from typing import Any
 
 import pytest
 
@@ -49,6 +50,21 @@ def _local_fuzz(tmp_path, kills: int, rng: random.Random, spawn_every: int = 0, 
     return fz
 
 
+def _s3_fuzz(s3, logs, kills: int, rng: random.Random, debug_first: bool = False) -> tuple[Fuzz, Any]:
+    """``kills`` rounds against the moto ``s3`` root; credentials reach the child only through
+    its environment.  Returns the fuzz and the clean finish."""
+    root, opts, _ = s3
+    logs.mkdir()
+    fz = Fuzz(
+        root=root, numel=1 << 16, keep=3, log_dir=str(logs), storage_options=opts, base_cfg={"s3": True}
+    )
+    with Zygote(env_extra=s3_env(opts), log_path=str(logs / "zygote.log")) as zygote:
+        for i in range(kills):
+            fz.kill_round(zygote.start, rng, i, debug_log=debug_first and i == 0)
+        final = fz.clean_finish(zygote.start, rng)
+    return fz, final
+
+
 def test_kill_fuzz_local(tmp_path) -> None:
     """50 (ASYNCCKPT_FUZZ_KILLS) SIGKILLs of a trainer saving ~4.3 MiB steps with keep=3."""
     kills = knob("ASYNCCKPT_FUZZ_KILLS", 50)
@@ -60,19 +76,11 @@ def test_kill_fuzz_local(tmp_path) -> None:
 @pytest.mark.s3
 def test_kill_fuzz_s3(tmp_path, s3) -> None:
     """15 (ASYNCCKPT_FUZZ_S3_KILLS) SIGKILLs of a trainer saving to s3:// on the moto server."""
-    root, opts, _ = s3
-    kills = knob("ASYNCCKPT_FUZZ_S3_KILLS", 15)
-    rng = random.Random(seed() + 1)
+    _, opts, _ = s3
     logs = tmp_path / "logs"
-    logs.mkdir()
-    fz = Fuzz(
-        root=root, numel=1 << 16, keep=3, log_dir=str(logs), storage_options=opts, base_cfg={"s3": True}
-    )
-    # credentials reach the child only through its environment; its first round logs at DEBUG
-    with Zygote(env_extra=s3_env(opts), log_path=str(logs / "zygote.log")) as zygote:
-        for i in range(kills):
-            fz.kill_round(zygote.start, rng, i, debug_log=i == 0)
-        final = fz.clean_finish(zygote.start, rng)
+    # the first round logs at DEBUG, so the credential check below covers botocore's logs
+    kills = knob("ASYNCCKPT_FUZZ_S3_KILLS", 15)
+    fz, final = _s3_fuzz(s3, logs, kills, random.Random(seed() + 1), debug_first=True)
     _assert_clean(fz, "kill_fuzz_s3")
     # nothing the children printed or logged (DEBUG included) holds a credential
     texts = [(logs / n).read_bytes() for n in os.listdir(logs)] + ["\n".join(final.seen).encode()]
@@ -111,16 +119,6 @@ def test_kill_fuzz_process_executor_trainer_long(tmp_path) -> None:
 @pytest.mark.s3
 @pytest.mark.timeout(7200)
 def test_kill_fuzz_s3_long(tmp_path, s3) -> None:
-    root, opts, _ = s3
     kills = knob("ASYNCCKPT_FUZZ_S3_KILLS_SLOW", 150)
-    rng = random.Random(seed() + 11)
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    fz = Fuzz(
-        root=root, numel=1 << 16, keep=3, log_dir=str(logs), storage_options=opts, base_cfg={"s3": True}
-    )
-    with Zygote(env_extra=s3_env(opts), log_path=str(logs / "zygote.log")) as zygote:
-        for i in range(kills):
-            fz.kill_round(zygote.start, rng, i)
-        fz.clean_finish(zygote.start, rng)
+    fz, _ = _s3_fuzz(s3, tmp_path / "logs", kills, random.Random(seed() + 11))
     _assert_clean(fz, "kill_fuzz_s3_long")
