@@ -4,6 +4,7 @@ The trainer hands a snapshot (copied into reused host memory) to a background wr
 streams a DCP checkpoint and commits it atomically; ``resume`` loads the newest complete one.
 """
 
+from .catalog import list_checkpoints
 from .checkpointer import AsyncCheckpointer
 from .errors import (
     AsyncCheckpointError,
@@ -19,10 +20,24 @@ from .errors import (
     WriterDiedError,
 )
 from .handle import CheckpointInfo, SaveHandle
-from .resume import list_checkpoints, resume
+from .options import (
+    ScheduleOptions,
+    SelectOptions,
+    SnapshotOptions,
+    StagingOptions,
+    StorageOptions,
+    WriterOptions,
+)
+from .resume import resume
 
 __all__ = [
     "AsyncCheckpointer",
+    "ScheduleOptions",
+    "SnapshotOptions",
+    "SelectOptions",
+    "StagingOptions",
+    "WriterOptions",
+    "StorageOptions",
     "SaveHandle",
     "CheckpointInfo",
     "list_checkpoints",

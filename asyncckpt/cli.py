@@ -13,19 +13,15 @@ import contextlib
 import json
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from . import layout
-from .errors import AsyncCheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError
+from . import layout, maintenance
+from .catalog import normalize_root
+from .errors import AsyncCheckpointError, ConfigError, CorruptCheckpointError
 from .handle import CheckpointInfo
-from .manifest import Manifest
 from .progress import Progress, human_bytes
-from .resume import list_checkpoints, list_leftovers, read_manifest
-from .storage import Storage, storage_for
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
@@ -62,123 +58,6 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-# --------------------------------------------------------------------------- locating checkpoints
-
-
-@dataclass(frozen=True)
-class Target:
-    """One committed step directory picked on the command line."""
-
-    root: str
-    step: int
-    tier: str
-    path: str
-
-
-def _norm(path: str) -> str:
-    if path.startswith("file://"):  # storage_for serves file:// with plain local paths
-        path = path[len("file://") :]
-    return path.rstrip("/") if "://" in path else os.path.abspath(path)
-
-
-def _parent(path: str) -> tuple[str, str]:
-    head, _, name = path.rstrip("/").rpartition("/")
-    return head, name
-
-
-def _require_root(storage: Storage, root: str) -> None:
-    if not storage.exists(root):
-        raise CheckpointNotFoundError(f"checkpoint root {root} does not exist")
-    if "://" not in root and not os.path.isdir(root):  # Storage has no isdir; URLs have no files-vs-dirs
-        raise ConfigError(f"checkpoint root {root} is not a directory")
-
-
-def _split_step(path: str) -> Target | None:
-    """The Target named by a ``ROOT[/snapshots]/step_XXXXXXXXX`` path, else None."""
-    parent, name = _parent(path)
-    step = layout.parse_step(name)
-    if step is None:
-        return None
-    grand, pname = _parent(parent)
-    if pname == layout.SNAPSHOT_DIR:
-        return Target(grand, step, "snapshot", path)
-    return Target(parent, step, "permanent", path)
-
-
-def resolve(arg: str, step: int | None = None) -> tuple[Storage, Target]:
-    """The step directory that ``ROOT``, ``ROOT/step_XXXXXXXXX`` or ``ROOT --step N`` names.
-
-    Without a step, the newest committed checkpoint (for one step, the permanent copy wins).
-
-    Raises:
-        CheckpointNotFoundError: the root or the step does not exist, or nothing is committed.
-        ConfigError: a step directory and a different ``--step`` were both given.
-    """
-    path = _norm(arg)
-    storage = storage_for(path, _OPTIONS.value)
-    named = _split_step(path)
-    if named is not None:
-        if step is not None and step != named.step:
-            raise ConfigError(f"{path} is step {named.step} but --step says {step}; give one of them")
-        if not storage.exists(path):
-            raise CheckpointNotFoundError(f"{path} does not exist")
-        return storage, named
-    _require_root(storage, path)
-    infos = list_checkpoints(path, storage_options=_OPTIONS.value)
-    if step is None:
-        if not infos:
-            raise CheckpointNotFoundError(f"no committed checkpoint under {path}" + _leftover_hint(path))
-        info = infos[-1]
-        return storage, Target(path, info.step, info.tier, info.path)
-    matches = [i for i in infos if i.step == step]
-    if not matches:
-        if any(
-            layout.parse_step(_parent(p)[1]) == step
-            for p in list_leftovers(path, storage_options=_OPTIONS.value)
-        ):
-            raise CheckpointNotFoundError(
-                f"step {step} under {path} is not committed (its manifest is missing or invalid); "
-                "`asyncckpt gc` removes it"
-            )
-        have = ", ".join(str(s) for s in sorted({i.step for i in infos})[-10:]) or "none"
-        raise CheckpointNotFoundError(f"no checkpoint for step {step} under {path}; committed steps: {have}")
-    info = matches[-1]
-    return storage, Target(path, info.step, info.tier, info.path)
-
-
-def _leftover_hint(root: str) -> str:
-    n = len(list_leftovers(root, storage_options=_OPTIONS.value))
-    return f" ({n} uncommitted leftover{'s' * (n != 1)}; see `asyncckpt ls`)" if n else ""
-
-
-def _load_manifest(storage: Storage, target: Target) -> Manifest:
-    m = read_manifest(storage, target.path)
-    if m.step != target.step:
-        raise CorruptCheckpointError(
-            f"{target.path}: its manifest says step {m.step}; the directory was renamed or damaged"
-        )
-    return m
-
-
-def _protected(storage: Storage, root: str) -> set[int]:
-    from .retention import Retention
-
-    return Retention(storage, root, [], 0).protected
-
-
-def _leftover_reason(storage: Storage, path: str) -> str:
-    parent, _ = _parent(path)
-    if _parent(parent)[1] == layout.TMP_DIR:
-        return "in-progress or abandoned save"
-    if not storage.is_regular_file(layout.join(path, layout.MANIFEST)):
-        return "no manifest: never committed"
-    try:
-        m = read_manifest(storage, path)
-    except (AsyncCheckpointError, OSError):
-        return "invalid manifest"
-    return f"manifest names step {m.step}"
-
-
 # --------------------------------------------------------------------------- ls
 
 
@@ -194,7 +73,7 @@ def _info_json(info: CheckpointInfo, protected: set[int]) -> dict[str, Any]:
         "world_size": info.world_size,
         "metrics": info.metrics,
         "protected": info.tier == "permanent" and info.step in protected,
-        "upload": getattr(info, "upload", None),
+        "upload": info.upload,
     }
 
 
@@ -202,21 +81,15 @@ def _tier_text(info: CheckpointInfo, protected: set[int]) -> str:
     notes = []
     if info.tier == "permanent" and info.step in protected:
         notes.append("protected")
-    if getattr(info, "upload", None) == "pending":
+    if info.upload == "pending":
         notes.append("upload pending")
     return info.tier + (f" ({', '.join(notes)})" if notes else "")
 
 
 def cmd_ls(a: argparse.Namespace) -> int:
-    root = _norm(a.root)
-    storage = storage_for(root, _OPTIONS.value)
-    _require_root(storage, root)
-    infos = list_checkpoints(root, storage_options=_OPTIONS.value)
-    protected = _protected(storage, root)
-    leftovers = [
-        {"path": p, "status": "uncommitted", "reason": _leftover_reason(storage, p)}
-        for p in list_leftovers(root, storage_options=_OPTIONS.value)
-    ]
+    listing = maintenance.ls(a.root, _OPTIONS.value)
+    root, infos, protected = listing.root, listing.checkpoints, listing.protected
+    leftovers = [{"path": p, "status": "uncommitted", "reason": r} for p, r in listing.leftovers]
     if a.json:
         doc = {"root": root, "checkpoints": [_info_json(i, protected) for i in infos], "leftovers": leftovers}
         print(json.dumps(doc, indent=2))
@@ -233,8 +106,8 @@ def cmd_ls(a: argparse.Namespace) -> int:
             for i in infos
         ]
         print(_table(["STEP", "TIER", "COMMITTED", "SIZE", "METRICS"], rows, right=(0, 3)))
-        total = sum(i.bytes for i in infos)
-        print(f"{len(infos)} committed checkpoint{'s' * (len(infos) != 1)}, {human_bytes(total)} in {root}")
+        n = len(infos)
+        print(f"{n} committed checkpoint{'s' * (n != 1)}, {human_bytes(listing.total_bytes)} in {root}")
     else:
         print(f"no committed checkpoints in {root}")
     if leftovers:
@@ -247,44 +120,13 @@ def cmd_ls(a: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- inspect
 
 
-def _walk_state(node: dict[str, Any], path: str, out: dict[str, Any], objects: dict[str, str]) -> None:
-    """Collect plain values (by dotted path) and object classes from the manifest's state tree."""
-    kind = node.get("t")
-    if kind == "value":
-        out[path] = node.get("v")
-    elif kind == "object":
-        objects[path] = str(node.get("cls", "?"))
-        _walk_state(node.get("sd", {}), path, out, objects)
-    elif kind in ("list", "tuple"):
-        items = node.get("items", [])
-        if all(isinstance(c, dict) and c.get("t") == "value" for c in items):
-            out[path] = [c.get("v") for c in items]  # short lists of plain values read best whole
-            return
-        for i, child in enumerate(items):
-            _walk_state(child, f"{path}.{i}" if path else str(i), out, objects)
-    elif kind == "dict":
-        if not node.get("items") and path:
-            out[path] = {}
-        for key, child in node.get("items", []):
-            _walk_state(child, f"{path}.{key}" if path else str(key), out, objects)
-
-
-def _state_summary(m: Manifest) -> tuple[dict[str, Any], dict[str, str]]:
-    values: dict[str, Any] = {}
-    objects: dict[str, str] = {}
-    for key, node in m.state.items():
-        _walk_state(node, str(key), values, objects)
-    return values, objects
-
-
 def _clip(text: str, width: int = 100) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
-    storage, target = resolve(a.path, a.step)
-    m = _load_manifest(storage, target)
-    values, objects = _state_summary(m)
+    _, target, m = maintenance.resolve(a.path, a.step, _OPTIONS.value)
+    values, objects = maintenance.state_summary(m)
     tensors: list[dict[str, Any]] = [
         {
             "name": fqn,
@@ -357,56 +199,44 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- verify
 
 
-def _verify_bytes(m: Manifest) -> int:
-    """Bytes ``verify_files`` reports progress for (files without a whole-file crc)."""
-    return sum(
-        c.length for t in m.tensors.values() for c in t.chunks if "crc32" not in m.files.get(c.file, {})
-    )
-
-
-def _verify_one(storage: Storage, target: Target) -> list[str]:
-    from .reader import verify_files
-
-    try:
-        m = _load_manifest(storage, target)
-    except (CorruptCheckpointError, OSError) as e:
-        return [_one_line(e)]
-    label = layout.step_dirname(target.step)
-    with Progress(_verify_bytes(m), label) as bar:
-        return verify_files(storage, target.path, m, progress=bar.update)
+def _report(path: str, problems: list[str]) -> None:
+    if problems:
+        print(f"FAILED  {path}")
+        for p in problems:
+            print(f"  {p}")
+    else:
+        print(f"OK      {path}")
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
-    if a.all:
-        if a.step is not None or _split_step(_norm(a.path)) is not None:
-            raise ConfigError("--all verifies every checkpoint under a root; do not name a step too")
-        root = _norm(a.path)
-        storage = storage_for(root, _OPTIONS.value)
-        _require_root(storage, root)
-        targets = [
-            Target(root, i.step, i.tier, i.path)
-            for i in list_checkpoints(root, storage_options=_OPTIONS.value)
-        ]
-        if not targets:
-            raise CheckpointNotFoundError(f"no committed checkpoint under {root}" + _leftover_hint(root))
-    else:
-        storage, target = resolve(a.path, a.step)
-        targets = [target]
-    failed = 0
-    for t in targets:
-        problems = _verify_one(storage, t)
-        name = t.path
-        if problems:
-            failed += 1
-            print(f"FAILED  {name}")
-            for p in problems:
-                print(f"  {p}")
-        else:
-            print(f"OK      {name}")
-    if len(targets) > 1:
+    if not a.all:
+        try:
+            storage, target, m = maintenance.resolve(a.path, a.step, _OPTIONS.value)
+        except CorruptCheckpointError as e:  # a step was found, but its manifest is bad
+            _report(normalize_root(a.path), [_one_line(e)])
+            return EXIT_FAIL
+        with Progress(maintenance.verify_bytes(m), layout.step_dirname(target.step)) as bar:
+            problems = maintenance.verify(storage, target, m, progress=bar.update)
+        _report(target.path, problems)
+        return EXIT_FAIL if problems else EXIT_OK
+    if a.step is not None or layout.parse_step(layout.parent(a.path)[1]) is not None:
+        raise ConfigError("--all verifies every checkpoint under a root; do not name a step too")
+    checked = failed = vanished = 0
+    bars = lambda m, t: Progress(maintenance.verify_bytes(m), layout.step_dirname(t.step))  # noqa: E731
+    for r in maintenance.verify_root(a.path, _OPTIONS.value, progress=bars):
+        if r.vanished:
+            vanished += 1
+            print(f"GONE    {r.target.path}  (deleted by retention or gc while verifying)")
+            continue
+        checked += 1
+        failed += bool(r.problems)
+        _report(r.target.path, r.problems)
+    if checked + vanished > 1:
+        gone = f", {vanished} deleted meanwhile" if vanished else ""
         print(
-            f"{len(targets) - failed} of {len(targets)} checkpoints OK"
+            f"{checked - failed} of {checked} checkpoints OK"
             + (f", {failed} FAILED" if failed else "")
+            + gone
         )
     return EXIT_FAIL if failed else EXIT_OK
 
@@ -419,8 +249,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     dtype = DTYPES[a.dtype] if a.dtype else None
     max_shard = parse_size(a.max_shard_size)
-    storage, target = resolve(a.path, a.step)
-    m = _load_manifest(storage, target)
+    storage, target, m = maintenance.resolve(a.path, a.step, _OPTIONS.value)
     total = sum(
         c.nbytes
         for f, t in m.tensors.items()
@@ -473,70 +302,6 @@ def _parse_age(text: str) -> float:
     return value
 
 
-def _age_s(path: str, now: float) -> float | None:
-    """Seconds since anything directly in ``path`` last changed; None when unknown (URLs).
-
-    os.stat is used directly because the Storage protocol has no modification times.
-    """
-    if "://" in path:
-        return None
-    try:
-        newest = os.lstat(path).st_mtime
-        if os.path.isdir(path) and not os.path.islink(path):
-            with os.scandir(path) as it:
-                for e in it:
-                    with contextlib.suppress(OSError):
-                        newest = max(newest, e.stat(follow_symlinks=False).st_mtime)
-    except OSError:
-        return None
-    return max(0.0, now - newest)
-
-
-def _remove_leftover(storage: Storage, path: str) -> None:
-    parent, name = _parent(path)
-    step = layout.parse_step(name)
-    if step is not None and storage.atomic_rename:
-        # out of the step namespace first, as retention does, so a crash mid-delete leaves
-        # nothing under a step name; object stores cannot rename, and need not: no valid
-        # manifest means the step was never visible
-        trash_dir = layout.join(parent, layout.TMP_DIR)
-        storage.makedirs(trash_dir)
-        trash = layout.join(trash_dir, layout.tmp_dirname(step))
-        storage.rename_dir(path, trash)
-        path = trash
-    storage.rmtree(path)
-
-
-def _abort_uploads(
-    storage: Storage, root: str, a: argparse.Namespace, now: float, errors: list[str]
-) -> tuple[int, int]:
-    """Abort the multipart uploads that killed writers left under ``root`` (object stores
-    keep their parts, invisible to listings, until then); returns (aborted, too recent)."""
-    pending = getattr(storage, "pending_uploads", None)
-    if pending is None:
-        return 0, 0
-    verb = "would abort" if a.dry_run else "aborted"
-    aborted = young = 0
-    for url, upload_id, started in pending(root):
-        age = None if started is None else max(0.0, now - started)
-        if a.min_age > 0 and (age is None or age < a.min_age):
-            young += 1
-            when = "unknown" if age is None else f"{age:.0f}s"
-            print(f"skipped multipart upload {url}: begun {when} ago, it may be a save in progress")
-            continue
-        if not a.dry_run:
-            try:
-                storage.abort_upload(url, upload_id)  # type: ignore[attr-defined]
-            except (AsyncCheckpointError, OSError) as e:
-                errors.append(_one_line(e))
-                print(f"could not abort the upload of {url}: {_one_line(e)}", file=sys.stderr)
-                continue
-        aborted += 1
-        begun = "" if age is None else f", begun {age:.0f}s ago"
-        print(f"{verb} abandoned multipart upload {url}  (id {upload_id[:16]}{begun})")
-    return aborted, young
-
-
 def _retention_policies(a: argparse.Namespace) -> list[Any]:
     from .policy import KeepBest, KeepEvery, KeepLast
 
@@ -557,88 +322,53 @@ def _retention_policies(a: argparse.Namespace) -> list[Any]:
 
 
 def cmd_gc(a: argparse.Namespace) -> int:
-    from .policy import PERMANENT, CheckpointRecord, plan_deletions
-    from .retention import Retention
-
     policies = _retention_policies(a)
-    root = _norm(a.root)
-    storage = storage_for(root, _OPTIONS.value)
-    _require_root(storage, root)
-    if _split_step(root) is not None:
-        raise ConfigError(f"gc takes a checkpoint root, not a step directory: {root}")
-    now = time.time()
+    r = maintenance.gc(a.root, policies, min_age=a.min_age,
+                       dry_run=a.dry_run, storage_options=_OPTIONS.value)  # fmt: skip
     verb = "would remove" if a.dry_run else "removed"
-    errors: list[str] = []
-
-    # 1. uncommitted leftovers
-    removed, young = 0, []
-    for path in list_leftovers(root, storage_options=_OPTIONS.value):
-        age = _age_s(path, now)
-        if a.min_age > 0 and (age is None or age < a.min_age):
-            young.append((path, age))
-            continue
-        reason = _leftover_reason(storage, path)
-        if not a.dry_run:
-            try:
-                _remove_leftover(storage, path)
-            except (AsyncCheckpointError, OSError) as e:
-                errors.append(_one_line(e))
-                print(f"could not remove {path}: {_one_line(e)}", file=sys.stderr)
-                continue
-        removed += 1
+    for path, reason in r.removed:
         print(f"{verb} uncommitted {path}  ({reason})")
-    for path, age in young:
+    for path, age in r.young:
         when = "its age is unknown on this storage" if age is None else f"it changed {age:.0f}s ago"
         print(
-            f"skipped uncommitted {path}: {when}, so it may be a save in progress "
-            "(--min-age 0 removes it anyway)"
+            f"skipped uncommitted {path}: {when}, so it may be a save in progress (--min-age 0 removes it anyway)"
         )
-    aborted, young_uploads = _abort_uploads(storage, root, a, now, errors)
-
-    # 2. retention over the committed checkpoints
-    infos = list_checkpoints(root, storage_options=_OPTIONS.value)
-    snapshots = sum(1 for i in infos if i.tier != PERMANENT)
-    retention = Retention(storage, root, policies, snapshot_slots=snapshots, existing=infos)
-    history = [
-        CheckpointRecord(step=i.step, time=i.time, metrics=dict(i.metrics), tier=i.tier) for i in infos
-    ]
-    plan = plan_deletions(history, policies, now, protected=retention.protected) if policies else []
-    by_step = {i.step: i for i in infos if i.tier == PERMANENT}
-    if policies and not a.dry_run:
-        deleted = sorted(s for tier, s in retention.apply() if tier == PERMANENT)
-        for s in sorted(set(plan) - set(deleted)):
-            errors.append(f"could not delete step {s} ({by_step[s].path})")
-            print(f"asyncckpt: could not delete {by_step[s].path}", file=sys.stderr)
-    else:
-        deleted = plan
-    for s in deleted:
-        i = by_step[s]
-        print(f"{verb} step {s}  {i.path}  ({human_bytes(i.bytes)})")
-    kept = sorted(s for s in by_step if s not in set(deleted))
-    freed = sum(by_step[s].bytes for s in deleted)
+    for url, age in r.young_uploads:
+        when = "unknown" if age is None else f"{age:.0f}s"
+        print(f"skipped multipart upload {url}: begun {when} ago, it may be a save in progress")
+    for url, upload_id, age in r.aborted:
+        begun = "" if age is None else f", begun {age:.0f}s ago"
+        print(
+            f"{'would abort' if a.dry_run else 'aborted'} abandoned multipart upload {url}  (id {upload_id[:16]}{begun})"
+        )
+    for info in r.deleted:
+        print(f"{verb} step {info.step}  {info.path}  ({human_bytes(info.bytes)})")
+    for e in r.errors:
+        print(f"asyncckpt: {e}", file=sys.stderr)
 
     def n(count: int, what: str) -> str:
         return f"{count} {what}{'s' * (count != 1)}"
 
-    uploads = f", {n(aborted, 'abandoned multipart upload')}" if aborted else ""
+    uploads = f", {n(len(r.aborted), 'abandoned multipart upload')}" if r.aborted else ""
+    freed = sum(i.bytes for i in r.deleted)
     summary = (
-        f"{'dry run: would remove' if a.dry_run else 'removed'} {n(removed, 'uncommitted leftover')}{uploads} "
-        f"and {n(len(deleted), 'checkpoint')} ({human_bytes(freed)}); "
-        f"kept {n(len(kept), 'permanent checkpoint')}"
+        f"{'dry run: would remove' if a.dry_run else 'removed'} {n(len(r.removed), 'uncommitted leftover')}{uploads} "
+        f"and {n(len(r.deleted), 'checkpoint')} ({human_bytes(freed)}); "
+        f"kept {n(len(r.kept), 'permanent checkpoint')}"
     )
-    if kept:
-        summary += f" (steps {', '.join(map(str, kept[:20]))}{', ...' if len(kept) > 20 else ''})"
-    if snapshots:
-        summary += f"; {n(snapshots, 'snapshot')} untouched"
-    if young:
-        summary += f"; skipped {n(len(young), 'recent leftover')} (--min-age)"
-    if young_uploads:
-        summary += f"; skipped {n(young_uploads, 'recent multipart upload')} (--min-age)"
+    if r.kept:
+        summary += f" (steps {', '.join(map(str, r.kept[:20]))}{', ...' if len(r.kept) > 20 else ''})"
+    if r.snapshots:
+        summary += f"; {n(r.snapshots, 'snapshot')} untouched"
+    if r.young:
+        summary += f"; skipped {n(len(r.young), 'recent leftover')} (--min-age)"
+    if r.young_uploads:
+        summary += f"; skipped {n(len(r.young_uploads), 'recent multipart upload')} (--min-age)"
     if not policies:
         summary += "; no --keep option given, so every committed checkpoint is kept"
     print(summary)
-    if errors:
-        print(f"asyncckpt: error: {len(errors)} removal(s) failed", file=sys.stderr)
+    if r.errors:
+        print(f"asyncckpt: error: {len(r.errors)} removal(s) failed", file=sys.stderr)
         return EXIT_FAIL
     return EXIT_OK
 
@@ -646,38 +376,9 @@ def cmd_gc(a: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- bench
 
 
-def _import_bench() -> Any:
-    """``benchmarks.bench_stall`` from the repository checkout, or None."""
-    try:
-        from benchmarks import bench_stall
-
-        return bench_stall
-    except ModuleNotFoundError as e:
-        if e.name not in ("benchmarks", "benchmarks.bench_stall"):
-            raise
-    # An editable install run from elsewhere: the checkout is the package's parent directory.
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isfile(os.path.join(repo, "benchmarks", "bench_stall.py")):
-        return None
-    sys.path.insert(0, repo)
-    try:
-        from benchmarks import bench_stall
-
-        return bench_stall
-    except ModuleNotFoundError:
-        return None
-    finally:
-        with contextlib.suppress(ValueError):
-            sys.path.remove(repo)
-
-
 def cmd_bench(a: argparse.Namespace) -> int:
-    bench = _import_bench()
-    if bench is None:
-        raise ConfigError(
-            "`asyncckpt bench` needs the benchmarks/ package of the asyncckpt repository checkout; "
-            "run it from the repository root (python -m asyncckpt bench)"
-        )
+    from . import bench  # imported only here: no other command needs it
+
     size = a.size_gib if a.size_gib is not None else (1 / 16 if a.quick else 1.0)
     reps = a.reps if a.reps is not None else (3 if a.quick else 5)
     try:
@@ -846,7 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add(
         "bench", "measure the trainer stall per save against torch.save and DCP",
-        "Run benchmarks/bench_stall.py (needs the repository checkout) and print its table.",
+        "Save the same synthetic state with torch.save, dcp.save, dcp.async_save (fresh and reused "
+        "stager) and asyncckpt (overlap off and on), time the call that blocks the trainer, and print "
+        "each method's stall against the floor of one copy_ into touched buffers.",
         cmd_bench,
     )  # fmt: skip
     sp.add_argument("--size-gib", type=_positive(float), default=None,

@@ -1,20 +1,23 @@
-"""Run write jobs off the trainer thread: in a thread, or in a persistent writer process.
+"""Run saves off the trainer thread: in a thread, or in a persistent writer process.
 
-Both executors take the same jobs and report through the same three callbacks, so the
-checkpointer neither knows nor cares where the bytes are written:
+Both executors have one method that matters, as DCP's async executor does::
 
-- ``released(job)``: the shards are written; the staging slot may be reused;
-- ``committed(job, outcome)``: the manifest is durable;
-- ``failed(job, exc)``: the save is lost; ``exc`` is the cause.
+    released, committed = executor.submit(request, lease)
+
+``released`` resolves once the shards are durable (the staging slot may be reused);
+``committed`` resolves to the :class:`~asyncckpt.request.SaveOutcome` once the manifest is
+durable, or fails with the cause.  Nothing is called back: whoever submits chains on the
+futures.  A writer that dies with nothing in flight leaves a notice, which
+:meth:`take_notices` hands out exactly once.
 
 The process executor keeps the trainer's GIL free while a checkpoint is written.  The staging
 pool lives in named shared memory that the writer maps once per plan; per save, only a small
-message (step, slot, plain-value tree) crosses the process boundary.  The writer needs no
-process group and no TCP port, and it exits on its own when its parent dies.
+typed message crosses the process boundary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -22,48 +25,28 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
+from . import writer_proc as msgs
+from .blob import BlobTemplate, blob_templates
+from .commit import write_and_commit
 from .errors import WriterDiedError
-from .handle import SaveHandle
-from .manifest import DTYPES, dtype_name
-from .staging import StagingPool, TensorSlot
-from .storage import Storage, storage_for
-from .writer import BlobTemplate, WriteJob, WriteOutcome, blob_templates, write_and_commit
+from .manifest import dtype_name
+from .request import SaveOutcome, SaveRequest
+from .staging import Lease
+from .storage import Storage
 
-__all__ = ["Job", "Callbacks", "ThreadExecutor", "ProcessExecutor"]
+__all__ = ["ThreadExecutor", "ProcessExecutor", "TemplateCache"]
 
 log = logging.getLogger("asyncckpt")
 
 
-@dataclass
-class Job:
-    """One save on its way through an executor."""
-
-    write: WriteJob
-    handle: SaveHandle
-    pool: StagingPool
-    slot: int
-    generation: int
-    record: dict[str, Any]
-    submitted: float = field(default_factory=time.perf_counter)
-    released: bool = False
-
-
-class Callbacks(Protocol):
-    def released(self, job: Job) -> None: ...
-    def committed(self, job: Job, outcome: WriteOutcome) -> None: ...
-    def failed(self, job: Job, exc: BaseException) -> None: ...
-    def writer_died(self, exc: BaseException) -> None: ...
-
-
-class _TemplateCache:
+class TemplateCache:
     """Blob templates of the current plan, built on its first write (in the writer)."""
 
     def __init__(self) -> None:
@@ -77,30 +60,52 @@ class _TemplateCache:
         return self.templates
 
 
-class ThreadExecutor:
-    """A single background writer thread in the trainer process; jobs run in order."""
+@dataclass
+class _Job:
+    request: SaveRequest
+    lease: Lease
+    released: Future[None] = field(default_factory=Future)
+    committed: Future[SaveOutcome] = field(default_factory=Future)
+    submitted: float = field(default_factory=time.perf_counter)
+    queue_wait_s: float = 0.0
 
-    def __init__(self, storage: Storage, write_threads: int, cb: Callbacks) -> None:
+    def release(self) -> None:
+        if not self.released.done():
+            self.released.set_result(None)
+
+    def commit(self, out: SaveOutcome) -> None:
+        self.release()
+        self.committed.set_result(dataclasses.replace(out, queue_wait_s=self.queue_wait_s))
+
+    def fail(self, exc: BaseException) -> None:
+        self.release()  # the slot is free again either way
+        if not self.committed.done():
+            self.committed.set_exception(exc)
+
+
+class ThreadExecutor:
+    """A single background writer thread in the trainer process; saves run in order."""
+
+    def __init__(self, storage: Storage, threads: int) -> None:
         self.storage = storage
-        self.write_threads = write_threads
-        self.cb = cb
-        self._files = ThreadPoolExecutor(write_threads, "asyncckpt-io") if write_threads > 1 else None
-        self._templates = _TemplateCache()
-        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self.threads = threads
+        self._files = ThreadPoolExecutor(threads, "asyncckpt-io") if threads > 1 else None
+        self._templates = TemplateCache()
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="asyncckpt-writer", daemon=True)
         self._thread.start()
 
-    def set_plan(self, pool: StagingPool, generation: int) -> None:
-        pass  # the thread reads the pool's buffers directly
-
-    def submit(self, job: Job) -> None:
+    def submit(self, request: SaveRequest, lease: Lease) -> tuple[Future[None], Future[SaveOutcome]]:
+        job = _Job(request, lease)
         self._queue.put(job)
-
-    def alive(self) -> bool:
-        return self._thread.is_alive()
+        return job.released, job.committed
 
     def failure(self) -> BaseException | None:
+        """The error that ended this executor for good, or None."""
         return None if self._thread.is_alive() else WriterDiedError("the writer thread has stopped")
+
+    def take_notices(self) -> list[BaseException]:
+        return []
 
     def close(self) -> None:
         self._queue.put(None)
@@ -111,65 +116,57 @@ class ThreadExecutor:
     def _loop(self) -> None:
         while (job := self._queue.get()) is not None:
             try:
-                job.handle.staged.result()
-                job.record["queue_wait_s"] = time.perf_counter() - job.submitted
-                templates = self._templates.get(job.generation, job.write.entries, job.write.buffer)
+                job.lease.staged.result()
+                job.queue_wait_s = time.perf_counter() - job.submitted
+                entries, buf = job.lease.pool.plan.entries, job.lease.buffer
                 out = write_and_commit(
                     self.storage,
-                    job.write,
+                    job.request,
+                    entries,
+                    buf,
                     self._files,
-                    self.write_threads,
-                    templates,
-                    on_shards_written=lambda j=job: self.cb.released(j),  # type: ignore[misc]
+                    self.threads,
+                    self._templates.get(job.lease.generation, entries, buf),
+                    on_shards_written=job.release,
                 )
             except BaseException as e:
-                self.cb.failed(job, e)
+                job.fail(e)
             else:
-                self.cb.committed(job, out)
+                job.commit(out)
 
 
 # --------------------------------------------------------------------------- process
 
 
-def _entries_msg(entries: Any) -> list[tuple[str, str, tuple[int, ...], int, int]]:
-    return [(e.fqn, dtype_name(e.dtype), e.shape, e.offset, e.nbytes) for e in entries]
-
-
 class ProcessExecutor:
-    """One persistent writer process (spawned), health-checked at start, restarted on death."""
+    """One persistent writer process, health-checked at start, restarted on death."""
 
     START_TIMEOUT = 120.0
 
     def __init__(
-        self,
-        root: str,
-        write_threads: int,
-        cb: Callbacks,
-        *,
-        restart: bool = True,
-        storage_options: dict[str, Any] | None = None,
+        self, root: str, threads: int, *, restart: bool = True, storage_options: dict[str, Any] | None = None
     ) -> None:
-        self.root = root
-        self._storage_options = storage_options
-        self.write_threads = write_threads
-        self.cb = cb
+        self._config = msgs.Config(root, threads, storage_options)
         self.restart = restart
-        self._lock = threading.Lock()  # guards _inflight
+        self._lock = threading.Lock()  # guards _inflight and _notices
         self._send_lock = threading.RLock()  # orders sends, plans and restarts
         self._send_failed = False
-        self._inflight: dict[int, Job] = {}
-        self._plan_msg: tuple[Any, ...] | None = None
+        self._inflight: dict[int, _Job] = {}
+        self._plan: msgs.Plan | None = None
         self._closing = False
         self._dead: BaseException | None = None
-        self._outbox: queue.Queue[Job | None] = queue.Queue()
+        self._notices: list[BaseException] = []
+        self._outbox: queue.Queue[_Job | None] = queue.Queue()
         self._start()
         self._dispatcher = threading.Thread(target=self._dispatch, name="asyncckpt-dispatch", daemon=True)
         self._dispatcher.start()
 
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
     # -- lifecycle
     def _start(self) -> None:
-        # A fresh interpreter, not multiprocessing's spawn: that would re-import the user's
-        # __main__ script, which often has no `if __name__ == "__main__"` guard.
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -185,13 +182,15 @@ class ProcessExecutor:
             str(os.getpid()),
         ]
         try:
-            self.process = subprocess.Popen(cmd, pass_fds=(to_child_r, from_child_w), env=env)
+            self.process = subprocess.Popen(
+                cmd, pass_fds=(to_child_r, from_child_w), env=env, start_new_session=True
+            )
         finally:
             os.close(to_child_r)
             os.close(from_child_w)
         self._to_child = Connection(to_child_w, readable=False)
         self._from_child = Connection(from_child_r, writable=False)
-        self._to_child.send(("config", self.root, self.write_threads, self._storage_options))
+        self._to_child.send(self._config)
         if not self._from_child.poll(self.START_TIMEOUT):
             self.process.kill()
             raise WriterDiedError(f"the writer process did not start within {self.START_TIMEOUT:.0f}s")
@@ -200,43 +199,37 @@ class ProcessExecutor:
         except EOFError:
             code = self.process.wait(10)
             raise WriterDiedError(f"the writer process exited during start-up (exit code {code})") from None
-        if msg[0] == "error":
+        if isinstance(msg, msgs.StartFailed):
             self.process.wait(10)
-            raise msg[1]
-        if msg[0] != "ready":
+            raise msg.error
+        if not isinstance(msg, msgs.Ready):
             raise WriterDiedError(f"the writer process failed its health check: {msg!r}")
-        if self._plan_msg is not None:
-            self._to_child.send(self._plan_msg)
+        if self._plan is not None:
+            self._to_child.send(self._plan)
         self._listener = threading.Thread(target=self._listen, name="asyncckpt-listen", daemon=True)
         self._listener.start()
 
-    def set_plan(self, pool: StagingPool, generation: int) -> None:
-        names = pool.shm_names()
-        if names is None:
-            raise RuntimeError("the process executor needs a shared-memory staging pool")
-        with self._send_lock:
-            self._plan_msg = ("plan", generation, names, _entries_msg(pool.plan.entries))
-            try:
-                self._to_child.send(self._plan_msg)
-            except OSError:
-                pass  # dead: a restart re-sends the plan
-
-    def submit(self, job: Job) -> None:
+    def submit(self, request: SaveRequest, lease: Lease) -> tuple[Future[None], Future[SaveOutcome]]:
+        job = _Job(request, lease)
         self._outbox.put(job)
-
-    def alive(self) -> bool:
-        return self._dead is None and self.process.poll() is None
+        return job.released, job.committed
 
     def failure(self) -> BaseException | None:
         """The error that ended this executor for good (a dead writer not restarted)."""
         return self._dead
+
+    def take_notices(self) -> list[BaseException]:
+        """Deaths of the writer with nothing in flight, each handed out once."""
+        with self._lock:
+            out, self._notices = self._notices, []
+        return out
 
     def close(self) -> None:
         self._closing = True
         self._outbox.put(None)
         self._dispatcher.join()
         try:
-            self._to_child.send(("stop",))
+            self._to_child.send(msgs.Stop())
         except OSError:
             pass
         try:
@@ -249,47 +242,47 @@ class ProcessExecutor:
             c.close()
 
     # -- trainer-side threads
+    def _plan_for(self, lease: Lease) -> msgs.Plan | None:
+        """The plan message for ``lease``'s pool if the writer has not mapped it yet."""
+        if self._plan is not None and self._plan.generation == lease.generation:
+            return None
+        names = lease.pool.shm_names()
+        if names is None:
+            raise RuntimeError("the process executor needs a shared-memory staging pool")
+        entries = [(e.fqn, dtype_name(e.dtype), e.shape, e.offset, e.nbytes) for e in lease.pool.plan.entries]
+        return msgs.Plan(lease.generation, names, entries)
+
     def _dispatch(self) -> None:
         while (job := self._outbox.get()) is not None:
             try:
-                job.handle.staged.result()
+                job.lease.staged.result()
             except BaseException as e:
-                self.cb.failed(job, e)
+                job.fail(e)
                 continue
-            job.record["queue_wait_s"] = time.perf_counter() - job.submitted
-            w = job.write
-            msg = (
-                "write",
-                job.generation,
-                job.slot,
-                w.root,
-                w.step,
-                w.tier,
-                w.remote,
-                (w.rank, w.world_size, w.chunk_offsets, w.global_shapes, w.run_id, w.commit_timeout),
-                w.tree,
-                w.paths,
-                w.metrics,
-                w.library_version,
-            )
+            job.queue_wait_s = time.perf_counter() - job.submitted
+            step = job.request.step
             error: BaseException | None = None
-            with self._send_lock:  # never interleaves with a restart or a plan
+            with self._send_lock:  # never interleaves with a restart
                 if self._dead is not None:
                     error = self._dead
                 else:
                     with self._lock:
-                        self._inflight[w.step] = job
+                        self._inflight[step] = job
                     try:
-                        self._to_child.send(msg)
+                        plan = self._plan_for(job.lease)
+                        if plan is not None:
+                            self._plan = plan
+                            self._to_child.send(plan)
+                        self._to_child.send(msgs.Write(job.lease.generation, job.lease.slot, job.request))
                     except OSError as e:
                         self._send_failed = True
                         with self._lock:
-                            self._inflight.pop(w.step, None)
+                            self._inflight.pop(step, None)
                         error = WriterDiedError(
-                            f"the writer process is gone ({e}); step {w.step} was not saved"
+                            f"the writer process is gone ({e}); step {step} was not saved"
                         )
             if error is not None:
-                self.cb.failed(job, error)
+                job.fail(error)
 
     def _listen(self) -> None:
         conn = self._from_child
@@ -298,19 +291,18 @@ class ProcessExecutor:
                 msg = conn.recv()
             except (EOFError, OSError):
                 break
-            kind, step = msg[0], msg[1]
             with self._lock:
-                job = self._inflight.get(step)
-                if kind != "released" and job is not None:
-                    del self._inflight[step]
+                job = self._inflight.get(msg.step)
+                if not isinstance(msg, msgs.Released) and job is not None:
+                    del self._inflight[msg.step]
             if job is None:
                 continue
-            if kind == "released":
-                self.cb.released(job)
-            elif kind == "committed":
-                self.cb.committed(job, msg[2])
-            elif kind == "failed":
-                self.cb.failed(job, msg[2])
+            if isinstance(msg, msgs.Released):
+                job.release()
+            elif isinstance(msg, msgs.Committed):
+                job.commit(msg.outcome)
+            elif isinstance(msg, msgs.Failed):
+                job.fail(msg.error)
         self._on_death()
 
     def _on_death(self) -> None:
@@ -323,21 +315,22 @@ class ProcessExecutor:
             with self._lock:
                 lost = list(self._inflight.values())
                 self._inflight.clear()
-            already_told = self._send_failed  # a save whose send failed was told through its handle
+            already_told = self._send_failed  # a save whose send failed was told through its future
             self._send_failed = False
             if self._closing and not lost:
                 return
             err = WriterDiedError(
                 f"the asyncckpt writer process (pid {self.process.pid}) exited with code {code}; "
-                f"{len(lost)} save(s) in flight were lost: steps {[j.write.step for j in lost]}"
+                f"{len(lost)} save(s) in flight were lost: steps {[j.request.step for j in lost]}"
             )
             log.error("asyncckpt: %s", err)
         # Tell the trainer exactly once, and before the (slow) restart, so the report lands at
         # its very next call rather than seconds later at an unrelated one.
         for job in lost:
-            self.cb.failed(job, err)
+            job.fail(err)
         if not lost and not already_told:
-            self.cb.writer_died(err)
+            with self._lock:
+                self._notices.append(err)
         if not self.restart or self._closing:
             with self._send_lock:
                 self._dead = err
@@ -348,118 +341,11 @@ class ProcessExecutor:
                     c.close()
                 self._start()
                 log.warning("asyncckpt: started a fresh writer process (pid %d)", self.process.pid)
+                return
             except BaseException as e:  # noqa: BLE001 - reported on the next call
                 self._dead = WriterDiedError(f"{err}; restarting it failed: {e}")
-                stranded = list(self._inflight.values())
-                self._inflight.clear()
-            else:
-                return
+                with self._lock:
+                    stranded = list(self._inflight.values())
+                    self._inflight.clear()
         for job in stranded:
-            self.cb.failed(job, self._dead)
-
-
-# --------------------------------------------------------------------------- writer side
-
-
-def _parent_watchdog(parent_pid: int, abort: threading.Event) -> None:
-    """Exit soon after the trainer dies: never finish (commit) a save nobody waits for."""
-    while True:
-        time.sleep(0.2)
-        if os.getppid() != parent_pid:
-            abort.set()
-            time.sleep(3.0)  # let a write in progress notice and clean up its temp dir
-            os._exit(0)
-
-
-def _writer_main(conn_in: Any, conn_out: Any, parent_pid: int) -> None:
-    """Entry point of the writer process: maps the pool once per plan, writes, reports."""
-    from multiprocessing import resource_tracker, shared_memory
-
-    torch.set_num_threads(1)  # leave the cores to the trainer
-    abort = threading.Event()
-    threading.Thread(target=_parent_watchdog, args=(parent_pid, abort), daemon=True).start()
-    _, root, write_threads, storage_options = conn_in.recv()
-    try:
-        storage = storage_for(root, storage_options)
-    except BaseException as e:
-        conn_out.send(("error", _picklable(e)))
-        return
-    files = ThreadPoolExecutor(write_threads) if write_threads > 1 else None
-    templates = _TemplateCache()
-    segments: list[Any] = []
-    buffers: list[torch.Tensor] = []
-    entries: list[TensorSlot] = []
-    generation = -1
-    send: Callable[[Any], None] = conn_out.send
-    send(("ready", os.getpid()))
-    while True:
-        try:
-            msg = conn_in.recv()
-        except (EOFError, OSError):
-            return  # the trainer is gone
-        if msg[0] == "stop":
-            return
-        if msg[0] == "plan":
-            _, generation, names, raw_entries = msg
-            buffers = []
-            for seg in segments:
-                try:
-                    seg.close()
-                except BufferError:
-                    pass
-            segments = [shared_memory.SharedMemory(name=n) for n in names]
-            for seg in segments:
-                try:  # the trainer owns (and unlinks) these segments, not this process
-                    resource_tracker.unregister(seg._name, "shared_memory")
-                except Exception:
-                    pass
-            buffers = [torch.frombuffer(seg.buf, dtype=torch.uint8) for seg in segments]
-            entries = [TensorSlot(f, DTYPES[d], tuple(s), o, n) for f, d, s, o, n in raw_entries]
-            continue
-        _, gen, slot, job_root, step, tier, remote, ranks, tree, paths, metrics, version = msg
-        rank, world_size, chunk_offsets, global_shapes, run_id, commit_timeout = ranks
-        try:
-            if gen != generation:
-                raise RuntimeError(f"plan generation {gen} was never received (have {generation})")
-            job = WriteJob(
-                job_root,
-                step,
-                entries,
-                buffers[slot],
-                tree,
-                paths,
-                metrics,
-                library_version=version,
-                tier=tier,
-                remote=remote,
-                rank=rank,
-                world_size=world_size,
-                chunk_offsets=chunk_offsets,
-                global_shapes=global_shapes,
-                run_id=run_id,
-                commit_timeout=commit_timeout,
-            )
-            out = write_and_commit(
-                storage,
-                job,
-                files,
-                write_threads,
-                templates.get(generation, entries, buffers[slot]),
-                on_shards_written=lambda s=step: send(("released", s)),  # type: ignore[misc]
-                should_abort=abort.is_set,
-            )
-        except BaseException as e:
-            send(("failed", step, _picklable(e)))
-        else:
-            send(("committed", step, out))
-
-
-def _picklable(e: BaseException) -> BaseException:
-    import pickle
-
-    try:
-        pickle.dumps(e)
-        return e
-    except Exception:
-        err = RuntimeError(f"{type(e).__name__}: {e}")
-        return err
+            job.fail(self._dead)

@@ -25,9 +25,10 @@ from typing import BinaryIO
 import torch
 
 from . import layout
+from .blob import read_chunk_into
 from .errors import ConfigError, CorruptCheckpointError
 from .manifest import Manifest, TensorEntry
-from .reader import file_problems, read_chunk_into
+from .reader import file_problems
 from .storage import Storage
 
 __all__ = [

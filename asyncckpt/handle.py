@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import concurrent.futures
+import logging
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +13,9 @@ if TYPE_CHECKING:
 
 from .errors import CheckpointTimeoutError
 
-__all__ = ["SaveHandle", "CheckpointInfo"]
+__all__ = ["SaveHandle", "CheckpointInfo", "ErrorInbox"]
+
+log = logging.getLogger("asyncckpt")
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ class SaveHandle:
         """Wait for the commit; raises the background error (a ``WriteError``) if it failed."""
         try:
             return self.committed.result(timeout)
-        except concurrent.futures.TimeoutError:
+        except (concurrent.futures.TimeoutError, TimeoutError):  # distinct classes before 3.11
             raise CheckpointTimeoutError(
                 f"step {self.step} was not committed within {timeout}s; the writer is still "
                 "busy (slow storage?). Wait longer or check the writer's progress with stats()"
@@ -100,3 +104,36 @@ class SaveHandle:
         else:
             status = "committed"
         return f"SaveHandle(step={self.step}, {status})"
+
+
+class ErrorInbox:
+    """Background errors, kept until the trainer thread's next call re-raises them once.
+
+    An error whose handle the caller already observed (through ``result()``) is not raised
+    again.  When several saves failed, the first is raised and the others are logged.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._errors: list[tuple[SaveHandle | None, BaseException]] = []
+
+    def put(self, err: BaseException, handle: SaveHandle | None = None) -> None:
+        with self._lock:
+            self._errors.append((handle, err))
+
+    def raise_pending(self) -> None:
+        with self._lock:
+            pending = [(h, e) for h, e in self._errors if h is None or not h.observed]
+            self._errors.clear()
+        if not pending:
+            return
+        h, err = pending[0]
+        if h is not None:
+            h.observed = True
+        if len(pending) > 1:
+            log.error(
+                "asyncckpt: %d more background errors: %s",
+                len(pending) - 1,
+                "; ".join(str(e) for _, e in pending[1:]),
+            )
+        raise err

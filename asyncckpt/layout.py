@@ -1,7 +1,19 @@
-"""Pure naming of everything under a checkpoint root. No I/O here."""
+"""Every name under a checkpoint root, and nothing else: pure naming, no I/O.
+
+```
+ROOT/
+  step_000001200/          a committed step: manifest.json (written last), .metadata, shards
+    .uploaded              local-first tier: the remote copy is committed
+  snapshots/step_.../      the rolling snapshot tier, same layout
+  .tmp/step_....<id>/      a save in progress (or a step being deleted)
+  .protected.json          steps retention never deletes
+  rank00003/               several ranks with a local-first tier: one rank's pieces
+```
+"""
 
 from __future__ import annotations
 
+import enum
 import re
 import uuid
 
@@ -11,9 +23,48 @@ TMP_DIR = ".tmp"
 SNAPSHOT_DIR = "snapshots"
 MANIFEST = "manifest.json"
 DCP_METADATA = ".metadata"
+UPLOADED_MARKER = ".uploaded"
+PROTECTED_FILE = ".protected.json"
+DONE_SUFFIX = ".done.json"
 
 _STEP_RE = re.compile(rf"^{STEP_PREFIX}(\d{{{STEP_DIGITS},}})$")
 _TMP_RE = re.compile(rf"^{STEP_PREFIX}(\d{{{STEP_DIGITS},}})\.[0-9a-f]{{8,32}}$")
+
+
+class Kind(str, enum.Enum):
+    """Which tier of a root a checkpoint belongs to.
+
+    ``PERMANENT`` checkpoints are subject to retention policies; ``SNAPSHOT`` ones rotate
+    through a few slots under ``snapshots/``.  Compares equal to its string value.
+    """
+
+    PERMANENT = "permanent"
+    SNAPSHOT = "snapshot"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+KINDS = (Kind.PERMANENT, Kind.SNAPSHOT)
+
+
+def join(root: str, *parts: str) -> str:
+    """Join with '/', which both POSIX paths and fsspec URLs accept."""
+    out = root.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p}"
+    return out
+
+
+def parent(path: str) -> tuple[str, str]:
+    """(directory, last name) of a path or URL."""
+    head, _, name = path.rstrip("/").rpartition("/")
+    return head, name
+
+
+def kind_root(root: str, kind: Kind | str) -> str:
+    """The directory that holds the step directories of ``kind``."""
+    return root if Kind(kind) is Kind.PERMANENT else join(root, SNAPSHOT_DIR)
 
 
 def step_dirname(step: int) -> str:
@@ -21,9 +72,20 @@ def step_dirname(step: int) -> str:
     return f"{STEP_PREFIX}{step:0{STEP_DIGITS}d}"
 
 
-def tmp_dirname(step: int) -> str:
-    """A unique in-progress directory name for ``step`` (lives under ``TMP_DIR``)."""
-    return f"{step_dirname(step)}.{uuid.uuid4().hex[:16]}"
+def step_dir(root: str, kind: Kind | str, step: int) -> str:
+    """Where step ``step`` of ``kind`` is committed."""
+    return join(kind_root(root, kind), step_dirname(step))
+
+
+def tmp_dir(base: str) -> str:
+    """The in-progress area under ``base`` (a kind root)."""
+    return join(base, TMP_DIR)
+
+
+def tmp_dirname(step: int, token: str | None = None) -> str:
+    """An in-progress directory name for ``step``; unique unless ``token`` is given (ranks
+    that share one directory name it by the run id they agreed on)."""
+    return f"{step_dirname(step)}.{token or uuid.uuid4().hex[:16]}"
 
 
 def parse_step(name: str) -> int | None:
@@ -42,9 +104,11 @@ def shard_filename(rank: int, index: int) -> str:
     return f"__{rank}_{index}.distcp"
 
 
-def join(root: str, *parts: str) -> str:
-    """Join with '/', which both POSIX paths and fsspec URLs accept."""
-    out = root.rstrip("/")
-    for p in parts:
-        out = f"{out}/{p}"
-    return out
+def done_record(rank: int) -> str:
+    """File name of rank ``rank``'s done record in a step shared by several ranks."""
+    return f"__{rank}{DONE_SUFFIX}"
+
+
+def rank_dir(rank: int) -> str:
+    """Sub-directory of a local-first tier that holds one rank's pieces."""
+    return f"rank{rank:05d}"

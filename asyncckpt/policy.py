@@ -479,18 +479,19 @@ def _options(
     keep: list[RetentionPolicy],
     total_steps: int | None,
     *,
-    mode: str | None = None,
+    enabled: bool = True,
     snapshot_every: int | None = None,
 ) -> dict[str, Any]:
+    """The checkpointer's keyword arguments for a preset (option groups, not flat keywords)."""
+    from .options import ScheduleOptions, SnapshotOptions  # options.py imports this module
+
     if total_steps is not None:
         _int(owner, "total_steps", total_steps, 1, "pass the number of optimizer steps, or None")
     return {
-        "save_policy": save_policy,
+        "schedule": ScheduleOptions(policy=save_policy, total_steps=total_steps),
         "keep": keep,
-        "total_steps": total_steps,
-        "mode": mode,
-        "snapshot_every": snapshot_every,
-        "snapshot_slots": 2,
+        "snapshots": SnapshotOptions(every=snapshot_every) if snapshot_every is not None else None,
+        "enabled": enabled,
     }
 
 
@@ -583,7 +584,7 @@ def h2o_llm_studio(
     - ``"best"``: keeps the checkpoint with the best ``metric``.  H2O keeps the best alone; here
       the newest is kept too, because retention never deletes the newest (crash resume needs it),
       so at most two remain.  Checkpoints without the metric are not kept for it.
-    - ``"disabled"`` (or H2O's spelling ``"disable"``): ``mode="disabled"``, nothing is saved.
+    - ``"disabled"`` (or H2O's spelling ``"disable"``): ``enabled=False``, nothing is saved.
     """
     if mode == "last":
         return _options("h2o_llm_studio", None, [KeepLast(1)], total_steps)
@@ -591,5 +592,5 @@ def h2o_llm_studio(
         best = KeepBest(1, metric, "max" if greater_is_better else "min", keep_missing=False)
         return _options("h2o_llm_studio", None, [best, KeepLast(1)], total_steps)
     if mode in ("disabled", "disable"):
-        return _options("h2o_llm_studio", None, [], None, mode="disabled")
+        return _options("h2o_llm_studio", None, [], None, enabled=False)
     raise ConfigError(f"h2o_llm_studio: mode must be 'last', 'best' or 'disabled', got {mode!r}")

@@ -9,85 +9,22 @@ resharding when the live tensors are laid out differently from the saved chunks.
 
 from __future__ import annotations
 
-import ctypes
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.metadata import (
-    ChunkStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    StorageMeta,
-    TensorProperties,
-    TensorStorageMetadata,
-)
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.storage import StorageReader
 
 from . import layout
+from .blob import dcp_metadata, read_chunk_into
 from .errors import CorruptCheckpointError
 from .manifest import Chunk, Manifest
-from .storage import Storage
+from .storage import RangedReads, Storage
 
-__all__ = ["ManifestReader", "read_chunk_into", "metadata_from_manifest"]
-
-_READ_CHUNK = 64 << 20
-
-
-def metadata_from_manifest(manifest: Manifest) -> Metadata:
-    """DCP metadata built from the manifest's JSON (the ``.metadata`` file is ignored)."""
-    md: dict[str, Any] = {}
-    for fqn, t in manifest.tensors.items():
-        chunks = [ChunkStorageMetadata(torch.Size(c.offsets), torch.Size(c.sizes)) for c in t.chunks]
-        md[fqn] = TensorStorageMetadata(TensorProperties(dtype=t.torch_dtype), torch.Size(t.shape), chunks)
-    return Metadata(state_dict_metadata=md, storage_meta=StorageMeta())
-
-
-def _readinto(f: Any, target: memoryview, where: str) -> None:
-    done, n = 0, target.nbytes
-    while done < n:
-        got = f.readinto(target[done : min(n, done + _READ_CHUNK)])
-        if not got:
-            raise CorruptCheckpointError(
-                f"{where}: file ended after {done} of {n} bytes; the shard is truncated"
-            )
-        done += got
-
-
-def _read_exact(f: Any, n: int, where: str) -> bytes:
-    buf = bytearray(n)
-    _readinto(f, memoryview(buf), where)
-    return bytes(buf)
-
-
-def read_chunk_into(f: Any, chunk: Chunk, out: torch.Tensor, where: str) -> None:
-    """Read ``chunk``'s blob: raw bytes into contiguous CPU ``out``, crc over the whole blob."""
-    if (
-        out.device.type != "cpu"
-        or not out.is_contiguous()
-        or out.numel() * out.element_size() != chunk.nbytes
-    ):
-        raise ValueError(
-            f"{where}: read target must be a contiguous CPU tensor of {chunk.nbytes} bytes, got "
-            f"{out.device} {list(out.shape)} {out.dtype}"
-        )
-    head_len = chunk.data_offset - chunk.offset
-    tail_len = chunk.offset + chunk.length - chunk.data_offset - chunk.nbytes
-    f.seek(chunk.offset)
-    crc = zlib.crc32(_read_exact(f, head_len, where))
-    if chunk.nbytes:
-        raw = (ctypes.c_char * chunk.nbytes).from_address(out.data_ptr())
-        mv = memoryview(raw).cast("B")
-        _readinto(f, mv, where)
-        crc = zlib.crc32(mv, crc)
-    crc = zlib.crc32(_read_exact(f, tail_len, where), crc)
-    if crc != chunk.crc32:
-        raise CorruptCheckpointError(
-            f"{where}: checksum mismatch (crc32 {crc:#010x}, manifest says {chunk.crc32:#010x}); "
-            "the file is corrupt"
-        )
+__all__ = ["ManifestReader", "coalesce", "shard_files", "file_problems", "verify_files"]
 
 
 class _RangeFile:
@@ -151,7 +88,7 @@ class ManifestReader(StorageReader):
         self.bytes_read = 0
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        return metadata_from_manifest(self.manifest)
+        return dcp_metadata(self.manifest.tensors)
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *a: Any, **k: Any) -> None:
         pass
@@ -176,8 +113,9 @@ class ManifestReader(StorageReader):
                     f"{self.directory}: no stored chunk for {idx.fqn} at {list(idx.offset or ())}"
                 )
             by_file.setdefault(chunk.file, []).append((chunk, req))
-        read_range = getattr(self.storage, "read_range", None)
-        if read_range is not None:  # an object store: concurrent ranged GETs
+        ranged = isinstance(self.storage, RangedReads)
+        if isinstance(self.storage, RangedReads):  # an object store: concurrent ranged GETs
+            read_range = self.storage.read_range
             jobs = [
                 (layout.join(self.directory, name), group)
                 for name, reqs in by_file.items()
@@ -193,7 +131,7 @@ class ManifestReader(StorageReader):
 
             with ThreadPoolExecutor(min(self.READ_CONCURRENCY, max(1, len(jobs)))) as pool:
                 list(pool.map(fetch, jobs))
-        for name, reqs in by_file.items() if read_range is None else ():
+        for name, reqs in by_file.items() if not ranged else ():
             path = layout.join(self.directory, name)
             with self.storage.open_read(path) as f:
                 for chunk, req in sorted(reqs, key=lambda cr: cr[0].offset):
@@ -246,10 +184,11 @@ def file_problems(
         if names is not None and name not in names:
             continue
         path = layout.join(directory, name)
-        if not storage.is_regular_file(path):
+        st = storage.stat(path)
+        if st is None or st.kind != "file":
             problems.append(f"{path}: missing or not a regular file")
             continue
-        size = storage.size(path)
+        size = st.size
         if size != info["size"]:
             problems.append(f"{path}: size {size} != {info['size']} recorded in the manifest")
     return problems

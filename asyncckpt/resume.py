@@ -13,105 +13,21 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from . import distributed, layout
+from . import distributed
+from .catalog import normalize_root, read_manifest, step_dirs
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError, StorageError
-from .handle import CheckpointInfo
+from .layout import Kind
 from .manifest import Manifest
 from .progress import Progress
 from .reader import ManifestReader, file_problems, shard_files
 from .state import plan_load
 from .storage import Storage, storage_for
-from .tiers import UPLOADED_MARKER
 
-__all__ = ["list_checkpoints", "resume", "read_manifest", "list_leftovers", "load_checkpoint"]
+__all__ = ["resume", "resume_in", "load_checkpoint"]
 
 log = logging.getLogger("asyncckpt")
 
 PROGRESS_MIN_BYTES = 256 << 20  # loads smaller than this finish too fast for a bar
-
-
-def _root(root: str | os.PathLike[str]) -> str:
-    """A URL as is; a local path (or ``file://`` URL) made absolute."""
-    r = os.fspath(root)
-    if r.startswith("file://"):
-        r = r[len("file://") :]
-    return os.path.abspath(r) if "://" not in r else r
-
-
-def read_manifest(storage: Storage, step_dir: str) -> Manifest:
-    """The validated manifest of ``step_dir``; CorruptCheckpointError if unusable."""
-    path = layout.join(step_dir, layout.MANIFEST)
-    if not storage.is_regular_file(path):
-        raise CorruptCheckpointError(f"{path} is missing: {step_dir} was never committed")
-    from .manifest import MAX_MANIFEST_BYTES
-
-    if storage.size(path) > MAX_MANIFEST_BYTES:
-        raise CorruptCheckpointError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes")
-    return Manifest.from_json(storage.read_bytes(path), path)
-
-
-_TIERS = (("permanent", ""), ("snapshot", layout.SNAPSHOT_DIR))
-
-
-def _step_dirs(storage: Storage, root: str) -> list[tuple[int, str, str]]:
-    """(step, tier, path) of every step directory, oldest first; permanent before snapshot."""
-    out = []
-    for tier, sub in _TIERS:
-        base = layout.join(root, sub) if sub else root
-        for name in storage.listdir(base):
-            step = layout.parse_step(name)
-            # a symlinked step directory would load data from outside the root: never follow it
-            if step is not None and not storage.is_link(layout.join(base, name)):
-                out.append((step, tier, layout.join(base, name)))
-    return sorted(out, key=lambda t: (t[0], t[1] == "permanent"))
-
-
-def _info(m: Manifest, path: str, tier: str = "permanent", upload: str | None = None) -> CheckpointInfo:
-    return CheckpointInfo.from_manifest(m, path, tier, upload)
-
-
-def list_checkpoints(
-    root: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
-) -> list[CheckpointInfo]:
-    """Committed checkpoints under ``root``, oldest first.
-
-    A directory counts only if its manifest parses and names its own step; files are not
-    checksummed here (``asyncckpt verify`` does that).
-    """
-    r = _root(root)
-    return list_in(storage_for(r, storage_options), r)
-
-
-def list_in(storage: Storage, r: str) -> list[CheckpointInfo]:
-    """``list_checkpoints`` through an existing storage backend."""
-    out = []
-    for step, tier, path in _step_dirs(storage, r):
-        try:
-            m = read_manifest(storage, path)
-        except (CorruptCheckpointError, StorageError):
-            continue
-        if m.step == step:
-            upload = None
-            if m.remote is not None:
-                marker = layout.join(path, UPLOADED_MARKER)
-                upload = "uploaded" if storage.exists(marker) else "pending"
-            out.append(_info(m, path, tier, upload))
-    return out
-
-
-def list_leftovers(
-    root: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
-) -> list[str]:
-    """Uncommitted leftovers: temp directories and step directories without a valid manifest."""
-    r = _root(root)
-    storage = storage_for(r, storage_options)
-    out = []
-    for _, sub in _TIERS:
-        tmp = layout.join(r, sub, layout.TMP_DIR) if sub else layout.join(r, layout.TMP_DIR)
-        out += [layout.join(tmp, n) for n in storage.listdir(tmp)]
-    committed = {c.path for c in list_checkpoints(r, storage_options=storage_options)}
-    out += [p for _, _, p in _step_dirs(storage, r) if p not in committed]
-    return out
 
 
 def load_checkpoint(
@@ -206,10 +122,10 @@ def resume(
         CorruptCheckpointError: checkpoints exist but none of them is loadable.
         StateMismatchError: the newest valid checkpoint does not fit the live state.
     """
-    r = _root(root)
+    r = normalize_root(root)
     sources = [(storage_for(r, storage_options), r)]
     if local_dir is not None:
-        sources.insert(0, (storage_for(_root(local_dir)), _root(local_dir)))
+        sources.insert(0, (storage_for(normalize_root(local_dir)), normalize_root(local_dir)))
     return resume_in(sources, state, step=step, strict=strict, exclude=exclude, allow_missing=allow_missing)
 
 
@@ -249,9 +165,9 @@ def resume_in(
     """``resume`` over ``(storage, root)`` sources; for the same step, earlier sources win."""
     candidates = []
     for rank, (storage, r) in enumerate(sources):
-        for s, tier, path in _step_dirs(storage, r):
+        for s, kind, path in step_dirs(storage, r):
             # newest first; then permanent before snapshot; then the earlier (local) source
-            candidates.append(((s, tier == "permanent", -rank), storage, path))
+            candidates.append(((s, kind is Kind.PERMANENT, -rank), storage, path))
     candidates.sort(key=lambda c: c[0], reverse=True)
     if distributed.current() is not None:
         candidates = _agree(candidates)

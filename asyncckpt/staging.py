@@ -9,17 +9,26 @@ side stream that first waits on an event recorded on the compute stream.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
+import logging
 import threading
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .errors import StagingError
+from .options import StagingOptions
+from .state import FlatState
 
-__all__ = ["TensorSlot", "StagingPlan", "StagingPool", "copy_into", "host_alias"]
+__all__ = ["TensorSlot", "StagingPlan", "StagingPool", "Lease", "Stager", "copy_into", "host_alias"]
+
+log = logging.getLogger("asyncckpt")
 
 ALIGN = 64
 _CASTABLE = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -202,3 +211,152 @@ def copy_into(
             elif t.device.type != "cuda":
                 views[k].copy_(t)  # other accelerators: a plain blocking copy
     return done
+
+
+# --------------------------------------------------------------------------- the stager
+
+
+@dataclass
+class Lease:
+    """One slot of a pool, holding one snapshot until the writer releases it.
+
+    Attributes:
+        staged: resolves once the snapshot is in the slot (at once without overlap).
+        slot_wait_s: seconds spent waiting for a free slot.
+        staging_s: seconds the copy took, once staged.
+    """
+
+    pool: StagingPool
+    slot: int
+    generation: int
+    staged: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future)
+    slot_wait_s: float = 0.0
+    staging_s: float = 0.0
+    _released: bool = False
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        return self.pool.buffer(self.slot)
+
+    def release(self) -> None:
+        """Give the slot back (idempotent); the writer calls this once the bytes are durable."""
+        if not self._released:
+            self._released = True
+            self.pool.release(self.slot)
+
+
+class Stager:
+    """Copies the state into a reused pool of host buffers, on the trainer thread.
+
+    The pool is sized for the state's structure and re-allocated only when it changes.  With
+    ``overlap``, the copy runs on a helper thread and a global optimizer step pre-hook waits
+    for it (on CUDA-only state the GPU waits, not the CPU).
+    """
+
+    def __init__(self, opts: StagingOptions, *, shared: bool, dtype: torch.dtype | None) -> None:
+        self.opts = opts
+        self.shared = shared  # a writer process maps the buffers: named shared memory
+        self.dtype = dtype
+        self.pool: StagingPool | None = None
+        self.generation = 0
+        self._stream: torch.cuda.Stream | None = None
+        self._helper = ThreadPoolExecutor(1, "asyncckpt-stage") if opts.overlap else None
+        self._last: tuple[Lease, torch.cuda.Event | None, bool] | None = None
+        self._hook = register_optimizer_step_pre_hook(self._before_optimizer_step) if opts.overlap else None
+
+    def ensure(self, flat: FlatState) -> StagingPool:
+        """The pool for ``flat``'s structure, allocated (and faulted in) if it is new."""
+        sig = flat.signature()
+        if self.pool is not None and self.pool.plan.signature == sig:
+            return self.pool
+        if self.pool is not None:
+            log.info(
+                "asyncckpt: the state's tensors changed (%d tensors now); waiting for saves in "
+                "flight, then re-allocating the staging buffers",
+                len(flat.tensors),
+            )
+            self.pool.wait_idle()
+            self.pool.close()
+            self.pool = None
+        plan = StagingPlan.from_tensors(flat.tensors, sig, cast=self.dtype)
+        self.pool = StagingPool(plan, self.opts.max_inflight, shared=self.shared)
+        self.generation += 1
+        if self._stream is None and plan.needs_pinned and torch.cuda.is_available():
+            self._stream = torch.cuda.Stream()
+        return self.pool
+
+    def stage(self, flat: FlatState, step: int) -> Lease | None:
+        """Copy ``flat`` into a free slot; None when every slot is busy and ``on_busy="skip"``."""
+        pool = self.ensure(flat)
+        t = time.perf_counter()
+        slot = pool.acquire(block=self.opts.on_busy == "wait")
+        if slot is None:
+            return None
+        lease = Lease(pool, slot, self.generation, slot_wait_s=time.perf_counter() - t)
+        try:
+            if self.opts.overlap:
+                self._copy_overlapped(flat, lease, step)
+            else:
+                self._copy(flat, lease, step)
+        except BaseException:
+            lease.release()
+            raise
+        return lease
+
+    def _copy(self, flat: FlatState, lease: Lease, step: int) -> None:
+        t = time.perf_counter()
+        try:
+            event = copy_into(lease.pool.views(lease.slot), flat.tensors, self._stream)
+            if event is not None:
+                event.synchronize()
+        except Exception as e:
+            raise StagingError(f"copying the state for step {step} into host memory failed: {e}") from e
+        lease.staging_s = time.perf_counter() - t
+        lease.staged.set_result(None)
+
+    def _copy_overlapped(self, flat: FlatState, lease: Lease, step: int) -> None:
+        t = time.perf_counter()
+        views = lease.pool.views(lease.slot)
+        cuda = {k: v for k, v in flat.tensors.items() if v.device.type == "cuda"}
+        cpu = {k: v for k, v in flat.tensors.items() if v.device.type != "cuda"}
+        event = copy_into(views, cuda, self._stream) if cuda else None
+        self._last = (lease, event, bool(cpu))
+
+        def run() -> None:
+            try:
+                copy_into(views, cpu)
+                if event is not None:
+                    event.synchronize()
+            except Exception as e:
+                lease.staged.set_exception(
+                    StagingError(f"copying the state for step {step} into host memory failed: {e}")
+                )
+                return
+            lease.staging_s = time.perf_counter() - t
+            lease.staged.set_result(None)
+
+        assert self._helper is not None
+        self._helper.submit(run)
+
+    def _before_optimizer_step(self, *_: Any) -> None:
+        # A global hook: any optimizer stepping over these parameters mutates them, whether
+        # or not it is part of the checkpointed state.
+        last = self._last
+        if last is None or last[0].staged.done():
+            return
+        lease, event, has_cpu = last
+        if event is not None and not has_cpu:
+            torch.cuda.current_stream().wait_event(event)  # GPU-side wait; the CPU runs on
+        else:
+            lease.staged.exception()  # waits; an error surfaces through the save's handle
+
+    def close(self) -> None:
+        """Stop the helper, remove the hook and free the buffers (after the writer is done)."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self._helper is not None:
+            self._helper.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None

@@ -26,6 +26,9 @@ Between repetitions (untimed) the script waits for the background work, then cal
 fsync, so its stall is the copy into the page cache; the DCP and asyncckpt writes do fsync, but
 in the background for the async methods.  Checkpoints are deleted after each method.
 
+The measurement lives in ``asyncckpt.bench`` (what ``asyncckpt bench`` runs, also from an installed
+wheel); this script is its command line, and re-exports its helpers for the other benchmarks.
+
 Usage: ``python -m benchmarks.bench_stall [--size-gib 1.0] [--tensors 100] [--reps 5]
 [--dir PARENT] [--json out.json] [--quick]``
 """
@@ -33,270 +36,53 @@ Usage: ``python -m benchmarks.bench_stall [--size-gib 1.0] [--tensors 100] [--re
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
-import platform
-import shutil
-import statistics
 import sys
-import tempfile
-import time
-import traceback
-import warnings
-from collections.abc import Callable
-from typing import Any
 
-import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from asyncckpt.bench import (
+    ASYNCCKPT,
+    FLOOR,
+    METHODS,
+    RepFn,
+    add_ratios,
+    bench_asyncckpt,
+    bench_dcp_async,
+    bench_dcp_async_reused,
+    bench_dcp_save,
+    bench_floor,
+    bench_torch_save,
+    format_table,
+    machine_info,
+    make_state,
+    measure,
+    nbytes,
+    run,
+    run_methods,
+    summarize,
+)
 
-from asyncckpt import AsyncCheckpointer
-
-FLOOR = "floor (copy_ into touched buffers)"
-ASYNCCKPT = ("asyncckpt (overlap=False)", "asyncckpt (overlap=True)")
-# One repetition: (rep index, fresh path for this rep) -> (stall seconds, untimed wait).
-RepFn = Callable[[int, str], tuple[float, Callable[[], None]]]
-
-
-def make_state(size_gib: float, n_tensors: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """``n_tensors`` random fp32 tensors of log-uniformly mixed sizes, ~``size_gib`` in all."""
-    gen = torch.Generator().manual_seed(seed)
-    weights = torch.exp(torch.rand(n_tensors, generator=gen, dtype=torch.float64) * 7.0)  # 1..~1100
-    total = int(size_gib * (1 << 30)) // 4
-    numels = [max(1, int(total * w / weights.sum())) for w in weights.tolist()]
-    state = {}
-    for i, n in enumerate(numels):
-        shape = (n // 256, 256) if n >= 4096 else (n,)
-        state[f"layer{i:03d}.weight"] = torch.rand(shape, generator=gen)
-    return state
-
-
-def nbytes(state: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
-
-
-def machine_info() -> dict[str, Any]:
-    mem_kib = None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    mem_kib = int(line.split()[1])
-    except OSError:
-        pass
-    return {
-        "cpu_count": os.cpu_count(),
-        "torch_version": torch.__version__,
-        "torch_num_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "mem_total_gib": None if mem_kib is None else round(mem_kib / 2**20, 2),
-    }
-
-
-def _timed(call: Callable[[], Any]) -> tuple[float, Any]:
-    t0 = time.perf_counter()
-    out = call()
-    return time.perf_counter() - t0, out
-
-
-def _nothing() -> None:
-    return None
-
-
-def _wait_dcp(resp: Any) -> None:
-    """``async_save`` returns a Future, or an AsyncSaveResponse when staging is asynchronous."""
-    (getattr(resp, "upload_completion", None) or resp).result()
-
-
-def measure(rep_fn: RepFn, reps: int, workdir: str) -> list[float]:
-    """Run ``reps`` repetitions, each into a fresh path; return the stalls."""
-    stalls = []
-    for i in range(reps):
-        stall, wait = rep_fn(i, os.path.join(workdir, f"rep{i}"))
-        wait()
-        os.sync()
-        stalls.append(stall)
-    return stalls
-
-
-def bench_torch_save(state: dict[str, torch.Tensor], reps: int, workdir: str) -> list[float]:
-    def rep(i: int, path: str) -> tuple[float, Callable[[], None]]:
-        return _timed(lambda: torch.save(state, path + ".pt"))[0], _nothing
-
-    return measure(rep, reps, workdir)
-
-
-def bench_dcp_save(state: dict[str, torch.Tensor], reps: int, workdir: str) -> list[float]:
-    def rep(i: int, path: str) -> tuple[float, Callable[[], None]]:
-        return _timed(lambda: dcp.save(state, checkpoint_id=path, no_dist=True))[0], _nothing
-
-    return measure(rep, reps, workdir)
-
-
-def bench_dcp_async(
-    state: dict[str, torch.Tensor], reps: int, workdir: str, stager: DefaultStager | None = None
-) -> list[float]:
-    def rep(i: int, path: str) -> tuple[float, Callable[[], None]]:
-        stall, resp = _timed(
-            lambda: dcp.async_save(state, checkpoint_id=path, no_dist=True, async_stager=stager)
-        )
-        return stall, lambda: _wait_dcp(resp)
-
-    return measure(rep, reps, workdir)
-
-
-def bench_dcp_async_reused(state: dict[str, torch.Tensor], reps: int, workdir: str) -> list[float]:
-    # CPU-only: no pinned memory, no CUDA streams; shared memory is only for the process executor.
-    opts = StagingOptions(
-        use_pinned_memory=False, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=False
-    )
-    stager = DefaultStager(opts)
-    try:
-        return bench_dcp_async(state, reps, workdir, stager)
-    finally:
-        stager.close()
-
-
-def bench_asyncckpt(state: dict[str, torch.Tensor], reps: int, workdir: str, overlap: bool) -> list[float]:
-    ckpt = AsyncCheckpointer(workdir, state={"t": state}, max_inflight=1, on_busy="wait", overlap=overlap)
-    try:
-
-        def rep(i: int, path: str) -> tuple[float, Callable[[], None]]:
-            stall, handle = _timed(lambda: ckpt.save_async(i))  # steps 0, 1, 2, ...
-
-            def wait() -> None:
-                ckpt.wait_staged()
-                handle.result()
-
-            return stall, wait
-
-        return measure(rep, reps, workdir)
-    finally:
-        ckpt.close()
-
-
-def bench_floor(state: dict[str, torch.Tensor], reps: int, workdir: str) -> list[float]:
-    dst = {k: torch.empty_like(t).zero_() for k, t in state.items()}  # allocated and touched
-
-    def copy_all() -> None:
-        with torch.no_grad():
-            for k, t in state.items():
-                dst[k].copy_(t)
-
-    def rep(i: int, path: str) -> tuple[float, Callable[[], None]]:
-        return _timed(copy_all)[0], _nothing
-
-    return measure(rep, reps, workdir)
-
-
-METHODS: dict[str, Callable[[dict[str, torch.Tensor], int, str], list[float]]] = {
-    "torch.save": bench_torch_save,
-    "dcp.save": bench_dcp_save,
-    "dcp.async_save": bench_dcp_async,
-    "dcp.async_save + reused DefaultStager": bench_dcp_async_reused,
-    ASYNCCKPT[0]: lambda s, r, d: bench_asyncckpt(s, r, d, overlap=False),
-    ASYNCCKPT[1]: lambda s, r, d: bench_asyncckpt(s, r, d, overlap=True),
-    FLOOR: bench_floor,
-}
-
-
-def summarize(stalls: list[float]) -> dict[str, Any]:
-    rest = stalls[1:]
-    return {
-        "stalls_s": stalls,
-        "first_s": stalls[0],
-        "median_s": statistics.median(stalls),
-        "median_excl_first_s": statistics.median(rest) if rest else None,
-        "min_s": min(stalls),
-    }
-
-
-def add_ratios(methods: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Set each method's median/floor; return asyncckpt speedups (alternative / asyncckpt)."""
-    floor = methods.get(FLOOR, {}).get("median_s")
-    for m in methods.values():
-        m["ratio_to_floor"] = m["median_s"] / floor if floor and "median_s" in m else None
-    speedups: dict[str, dict[str, float]] = {}
-    for name in ASYNCCKPT:
-        ours = methods.get(name, {}).get("median_s")
-        if not ours:
-            continue
-        speedups[name] = {
-            alt: m["median_s"] / ours
-            for alt, m in methods.items()
-            if alt not in ASYNCCKPT and alt != FLOOR and "median_s" in m
-        }
-    return speedups
-
-
-def run_methods(state: dict[str, torch.Tensor], reps: int, root: str) -> dict[str, dict[str, Any]]:
-    """Each method in its own directory under ``root``, deleted as soon as it is measured."""
-    methods: dict[str, dict[str, Any]] = {}
-    with warnings.catch_warnings():
-        # dcp warns on every no_dist save that it assumes a single process; that is the intent.
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        for i, (name, fn) in enumerate(METHODS.items()):
-            print(f"[bench_stall] {name} ...", file=sys.stderr, flush=True)
-            workdir = os.path.join(root, f"m{i}")
-            os.makedirs(workdir)
-            try:
-                methods[name] = summarize(fn(state, reps, workdir))
-            except Exception:
-                methods[name] = {"error": traceback.format_exc()}
-                print(methods[name]["error"], file=sys.stderr, flush=True)
-            finally:
-                shutil.rmtree(workdir, ignore_errors=True)
-                gc.collect()
-    return methods
-
-
-def run(size_gib: float, n_tensors: int, reps: int, directory: str | None) -> dict[str, Any]:
-    """Benchmark every method; checkpoints go to a temp dir under ``directory`` (removed after)."""
-    if reps < 1 or n_tensors < 1 or size_gib <= 0:
-        raise ValueError("reps and n_tensors must be >= 1 and size_gib > 0")
-    state = make_state(size_gib, n_tensors)
-    if directory is not None:
-        os.makedirs(directory, exist_ok=True)
-    root = tempfile.mkdtemp(prefix="bench_stall-", dir=directory)
-    try:
-        methods = run_methods(state, reps, root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-    speedups = add_ratios(methods)
-    return {
-        "config": {"size_gib": size_gib, "n_tensors": n_tensors, "reps": reps, "state_bytes": nbytes(state)},
-        "machine": machine_info(),
-        "methods": methods,
-        "asyncckpt_speedup": speedups,
-    }
-
-
-def _ms(x: float | None) -> str:
-    return "-" if x is None else f"{x * 1e3:.1f}"
-
-
-def format_table(result: dict[str, Any]) -> str:
-    cfg, mach = result["config"], result["machine"]
-    lines = [
-        f"state: {cfg['state_bytes'] / 2**30:.3f} GiB in {cfg['n_tensors']} fp32 tensors, {cfg['reps']} reps; "
-        f"torch {mach['torch_version']}, {mach['cpu_count']} CPUs, {mach['mem_total_gib']} GiB RAM",
-        f"{'method':<40} {'median ms':>10} {'med-1st':>9} {'min ms':>9} {'first ms':>9} {'x floor':>8}",
-    ]
-    for name, m in result["methods"].items():
-        if "error" in m:
-            lines.append(f"{name:<40} ERROR: {m['error'].strip().splitlines()[-1]}")
-            continue
-        ratio = "-" if m["ratio_to_floor"] is None else f"{m['ratio_to_floor']:.2f}"
-        lines.append(
-            f"{name:<40} {_ms(m['median_s']):>10} {_ms(m['median_excl_first_s']):>9} "
-            f"{_ms(m['min_s']):>9} {_ms(m['first_s']):>9} {ratio:>8}"
-        )
-    for ours, alts in result["asyncckpt_speedup"].items():
-        lines.append(f"speedup of {ours} (alternative median / asyncckpt median):")
-        lines.extend(f"  vs {alt:<38} {s:8.1f}x" for alt, s in alts.items())
-    return "\n".join(lines)
+__all__ = [
+    "ASYNCCKPT",
+    "FLOOR",
+    "METHODS",
+    "RepFn",
+    "add_ratios",
+    "bench_asyncckpt",
+    "bench_dcp_async",
+    "bench_dcp_async_reused",
+    "bench_dcp_save",
+    "bench_floor",
+    "bench_torch_save",
+    "format_table",
+    "machine_info",
+    "make_state",
+    "measure",
+    "nbytes",
+    "run",
+    "run_methods",
+    "summarize",
+    "main",
+]
 
 
 def main(argv: list[str] | None = None) -> int:

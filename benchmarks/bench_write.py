@@ -163,13 +163,13 @@ def memory_child(size_gib: float, n_tensors: int, executor: str, root: str) -> d
     s.start()
     ck = AsyncCheckpointer(root, {"model": state}, executor=executor, max_inflight=1)
     if executor == "process":
-        s.pids["writer"] = pid = ck._executor.process.pid  # type: ignore[union-attr]
+        s.pids["writer"] = pid = ck._pipeline.executor.process.pid  # type: ignore[union-attr]
         writer_start = proc_status(pid)
     save(ck, 0).result()
     s.done.set()
     s.join()
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    pool = ck._pool.nbytes if ck._pool is not None else 0
+    pool = ck._pipeline.stager.pool.nbytes if ck._pipeline.stager.pool is not None else 0
     ck.close()
     peak = s.peak["trainer"]
     return {
@@ -190,7 +190,7 @@ def growth_child(executor: str, root: str, saves: int = 100) -> dict[str, Any]:
     ck = AsyncCheckpointer(root, {"model": make_state(1 / 64, 16)}, executor=executor, max_inflight=2)
     pids: dict[str, int | str] = {"trainer": "self"}
     if executor == "process":
-        pids["writer"] = ck._executor.process.pid  # type: ignore[union-attr]
+        pids["writer"] = ck._pipeline.executor.process.pid  # type: ignore[union-attr]
     rss: dict[str, dict[str, int]] = {}
 
     def finish(h: SaveHandle) -> None:  # delete it once committed; sample after save 10 and the last

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
-from asyncckpt import AsyncCheckpointer
+from asyncckpt import AsyncCheckpointer, WriterOptions
 
 
 def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +49,7 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     state = {"model": model, "optim": opt, "extra": {"step": 0}}
 
-    ckpt = AsyncCheckpointer(a.root, state, save_policy=a.every, keep=3, commit_timeout=120)
+    ckpt = AsyncCheckpointer(a.root, state, schedule=a.every, keep=3, writer=WriterOptions(commit_timeout=120))
     start = ckpt.resume() or 0
     if rank == 0:
         print(f"world size {world}: starting at step {start}", flush=True)

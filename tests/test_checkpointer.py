@@ -169,14 +169,14 @@ def test_state_change_between_saves_replans_the_pool(root: str, executor: str) -
     state = {"model": model, "optim": opt}
     with AsyncCheckpointer(root, state, executor=executor) as ck:
         ck.save_async(0).result()  # optimizer has no state yet
-        pool0 = ck._pool
+        pool0 = ck._pipeline.stager.pool
         train_steps(model, opt, 1)  # now it does: more tensors
         ck.save_async(1).result()
-        assert ck._pool is not pool0
-        pool1 = ck._pool
+        assert ck._pipeline.stager.pool is not pool0
+        pool1 = ck._pipeline.stager.pool
         train_steps(model, opt, 1)
         ck.save_async(2).result()
-        assert ck._pool is pool1  # unchanged structure: the buffers are reused
+        assert ck._pipeline.stager.pool is pool1  # unchanged structure: the buffers are reused
     expected = snapshot(state)
     model2 = tiny_model(3)
     state2 = {"model": model2, "optim": torch.optim.Adam(model2.parameters())}

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from asyncckpt import CorruptCheckpointError, list_checkpoints, resume
+from asyncckpt.catalog import read_manifest
 from asyncckpt.cli import main as cli_main
-from asyncckpt.resume import read_manifest
 from asyncckpt.storage import LocalStorage
 
 from .dist_worker import full, replicated

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from asyncckpt import policy
 from asyncckpt.errors import ConfigError
+from asyncckpt.options import ScheduleOptions, SnapshotOptions
 from asyncckpt.policy import (
     AnyOf,
     AtSteps,
@@ -489,9 +490,10 @@ def simulate(
 ) -> tuple[list[int], list[int]]:
     """Drive preset options as the checkpointer does: decide, commit, then apply retention.
 
-    ``save_policy=None`` means every call saves.  Returns (steps saved, steps left at the end).
+    ``policy=None`` means every call saves.  Returns (steps saved, steps left at the end).
     """
-    save, keep, total = options["save_policy"], options["keep"], options["total_steps"]
+    sched, keep = options["schedule"], options["keep"]
+    save, total = sched.policy, sched.total_steps
     history: list[CheckpointRecord] = []
     saved_steps: list[int] = []
     last_step: int | None = None
@@ -499,7 +501,7 @@ def simulate(
     for step in steps:
         now = 10.0 * step
         c = SaveContext(step, now, last_step, last_time, 0.0, metrics_at(step))
-        if options["mode"] == "disabled":
+        if not options["enabled"]:
             continue
         if (save is None or save.should_save(c)) or step == total:
             saved_steps.append(step)
@@ -526,8 +528,9 @@ def v_loss(step: int) -> dict[str, Any]:
     ],
 )
 def test_presets_return_the_checkpointer_options(options: dict[str, Any]) -> None:
-    assert set(options) == {"save_policy", "keep", "total_steps", "mode", "snapshot_every", "snapshot_slots"}
-    assert options["save_policy"] is None or isinstance(options["save_policy"], SavePolicy)
+    assert set(options) == {"schedule", "keep", "snapshots", "enabled"}
+    assert isinstance(options["schedule"], ScheduleOptions)
+    assert options["schedule"].policy is None or isinstance(options["schedule"].policy, SavePolicy)
     assert all(isinstance(p, RetentionPolicy) for p in options["keep"])
 
 
@@ -537,7 +540,8 @@ def test_hf_trainer_keeps_the_last_n_and_the_best() -> None:
     assert saved_steps == list(range(10, 101, 10))
     assert left == [30, 90, 100]
     # the final step is saved when total_steps is given
-    saved_steps, left = simulate({**opts, "total_steps": 95}, range(1, 96), v_loss)
+    final = ScheduleOptions(policy=opts["schedule"].policy, total_steps=95)
+    saved_steps, left = simulate({**opts, "schedule": final}, range(1, 96), v_loss)
     assert saved_steps[-2:] == [90, 95] and left == [30, 90, 95]
 
 
@@ -575,9 +579,9 @@ def test_openpi() -> None:
 
 def test_internlm() -> None:
     opts = internlm(checkpoint_every=25, snapshot_every=5, total_steps=60)
-    assert opts["snapshot_every"] == 5 and opts["snapshot_slots"] == 2
+    assert opts["snapshots"] == SnapshotOptions(every=5, slots=2)
     assert simulate(opts, range(1, 61)) == ([25, 50, 60], [25, 50, 60])
-    assert internlm(25, None, 60)["snapshot_every"] is None
+    assert internlm(25, None, 60)["snapshots"] is None
 
 
 def test_h2o_llm_studio() -> None:
@@ -590,7 +594,7 @@ def test_h2o_llm_studio() -> None:
     assert simulate(acc, epochs, lambda s: {"acc": losses[s]})[1] == [10, 50]
     for spelling in ("disabled", "disable"):
         off = h2o_llm_studio(spelling)
-        assert off["mode"] == "disabled" and off["keep"] == []
+        assert off["enabled"] is False and off["keep"] == []
         assert simulate(off, epochs) == ([], [])
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from asyncckpt import AsyncCheckpointer, CorruptCheckpointError, list_checkpoints, resume
-from asyncckpt.resume import list_leftovers
+from asyncckpt.catalog import list_leftovers
 
 from .helpers import assert_same, rewrite_manifest, snapshot
 
@@ -166,8 +166,8 @@ def test_malicious_metadata_is_never_unpickled(root: str, tmp_path) -> None:
     assert list_checkpoints(root)[-1].step == 2
     assert not os.path.exists(canary)
     # a full verification does notice the tampered (unused) file
+    from asyncckpt.catalog import read_manifest
     from asyncckpt.reader import verify_files
-    from asyncckpt.resume import read_manifest
     from asyncckpt.storage import LocalStorage
 
     step_dir = os.path.join(root, "step_000000002")
@@ -177,8 +177,8 @@ def test_malicious_metadata_is_never_unpickled(root: str, tmp_path) -> None:
 
 
 def test_verify_passes_clean_and_catches_a_flipped_byte(root: str) -> None:
+    from asyncckpt.catalog import read_manifest
     from asyncckpt.reader import verify_files
-    from asyncckpt.resume import read_manifest
     from asyncckpt.storage import LocalStorage
 
     _two_checkpoints(root)

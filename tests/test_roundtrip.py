@@ -154,8 +154,8 @@ def test_large_tensor_crc_computed_beside_the_write_is_right(tmp_path) -> None:
     import os
     import zlib
 
+    from asyncckpt.catalog import read_manifest
     from asyncckpt.reader import verify_files
-    from asyncckpt.resume import read_manifest
     from asyncckpt.storage import LocalStorage
 
     root = str(tmp_path / "ck")

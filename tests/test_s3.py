@@ -170,7 +170,7 @@ def test_credentials_never_leak(s3, caplog: pytest.LogCaptureFixture) -> None:
     texts = []
     with AsyncCheckpointer(root, state, storage_options=opts, executor="process") as ck:
         ck.save_async(1).result()
-        texts += [repr(ck), repr(ck._storage), str(ck.stats())]
+        texts += [repr(ck), repr(ck._pipeline.storage), str(ck.stats())]
     with pytest.raises(StorageError) as missing:
         AsyncCheckpointer("s3://no-such-bucket-x/r", state, storage_options=opts)
     texts += [str(missing.value), repr(missing.value)]

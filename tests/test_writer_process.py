@@ -40,12 +40,12 @@ def _alive(pid: int) -> bool:
 
 def test_writer_starts_at_construction_and_close_leaves_no_process(root: str) -> None:
     ck = AsyncCheckpointer(root, {"w": torch.ones(4)}, executor="process")
-    pid = ck._executor.process.pid  # type: ignore[union-attr]
+    pid = ck._pipeline.executor.process.pid  # type: ignore[union-attr]
     assert _alive(pid)  # started (and health-checked) before the first save
     ck.save_async(1).result()
     ck.close()
     assert not _alive(pid)
-    assert ck._executor.process.returncode == 0  # type: ignore[union-attr]
+    assert ck._pipeline.executor.process.returncode == 0  # type: ignore[union-attr]
 
 
 def test_killing_the_writer_mid_save_fails_that_save_and_keeps_the_previous(root: str) -> None:
@@ -55,7 +55,7 @@ def test_killing_the_writer_mid_save_fails_that_save_and_keeps_the_previous(root
     before = snapshot(state)
     for t in state["w"].values():
         t.add_(1)
-    pid = ck._executor.process.pid  # type: ignore[union-attr]
+    pid = ck._pipeline.executor.process.pid  # type: ignore[union-attr]
     h = ck.save_async(2)
     tmp = os.path.join(root, ".tmp")
     deadline = time.monotonic() + 30
@@ -68,7 +68,7 @@ def test_killing_the_writer_mid_save_fails_that_save_and_keeps_the_previous(root
     assert not os.path.exists(os.path.join(root, "step_000000002"))
     # a fresh writer took over: saving goes on
     ck.save_async(3).result(timeout=60)
-    assert ck._executor.process.pid != pid  # type: ignore[union-attr]
+    assert ck._pipeline.executor.process.pid != pid  # type: ignore[union-attr]
     ck.close()
     assert [c.step for c in list_checkpoints(root)] == [1, 3]
     fresh = _big_state()
@@ -78,10 +78,10 @@ def test_killing_the_writer_mid_save_fails_that_save_and_keeps_the_previous(root
 
 def test_dead_writer_without_restart_is_reported_on_every_call(root: str) -> None:
     ck = AsyncCheckpointer(root, {"w": torch.ones(4)}, executor="process", restart=False)
-    pid = ck._executor.process.pid  # type: ignore[union-attr]
+    pid = ck._pipeline.executor.process.pid  # type: ignore[union-attr]
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while ck._executor.failure() is None and time.monotonic() < deadline:  # type: ignore[union-attr]
+    while ck._pipeline.executor.failure() is None and time.monotonic() < deadline:  # type: ignore[union-attr]
         time.sleep(0.01)
     for step in (1, 2):  # not restarted: every save says why, with the exit code
         with pytest.raises(WriterDiedError, match="exited with code -9"):
@@ -98,7 +98,7 @@ _TRAINER = """
     ck = AsyncCheckpointer(sys.argv[1], state, executor="process")
     ck.save_async(1).result()
     ck.save_async(2)
-    print(ck._executor.process.pid, flush=True)
+    print(ck._pipeline.executor.process.pid, flush=True)
     time.sleep(600)
 """
 

@@ -2,7 +2,7 @@
 
 Use it instead of ``ModelCheckpoint`` (or next to one with ``save_top_k=0``)::
 
-    cb = AsyncCheckpointCallback("ckpt/run7", save_policy=500, keep=3)
+    cb = AsyncCheckpointCallback("ckpt/run7", schedule=500, keep=3)
     trainer = pl.Trainer(callbacks=[cb], enable_checkpointing=False)
     trainer.fit(model)
 
@@ -33,8 +33,8 @@ class AsyncCheckpointCallback(pl.Callback):  # type: ignore[misc]
     Args:
         root: the checkpoint root (path or fsspec URL).
         resume: load the newest valid checkpoint when training starts.
-        **options: any :class:`~asyncckpt.AsyncCheckpointer` option (``save_policy``,
-            ``keep``, ``executor``, ``local_dir``, ...).
+        **options: any :class:`~asyncckpt.AsyncCheckpointer` option (``schedule``,
+            ``keep``, ``writer``, ``storage``, ...).
     """
 
     def __init__(self, root: str, *, resume: bool = True, **options: Any) -> None:
@@ -84,5 +84,5 @@ class AsyncCheckpointCallback(pl.Callback):  # type: ignore[misc]
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self.ckpt is not None:
-            self.ckpt.save_final = False  # don't save the state of a failed step
-            self.ckpt.close()
+            # as leaving a `with` block by an exception: drain, but don't save the failed step
+            self.ckpt.__exit__(type(exception), exception, exception.__traceback__)

@@ -3,7 +3,7 @@
 Replace the Trainer's synchronous saves::
 
     args = TrainingArguments(..., save_strategy="no")      # the Trainer no longer saves
-    cb = AsyncCheckpointCallback("ckpt/run7", save_policy=500, keep=3)
+    cb = AsyncCheckpointCallback("ckpt/run7", schedule=500, keep=3)
     trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[cb])
     trainer.train()
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from asyncckpt import layout, list_checkpoints, resume
+from asyncckpt.catalog import list_leftovers, read_manifest
 from asyncckpt.reader import verify_files
-from asyncckpt.resume import list_leftovers, read_manifest
 from asyncckpt.storage import storage_for
 
 from ._procs import Child

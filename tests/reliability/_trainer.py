@@ -86,7 +86,7 @@ def train(cfg: dict[str, Any]) -> int:
         storage_options=opts,
     )
     if cfg.get("executor") == "process":
-        event(f"WRITER {ck._executor.process.pid}")  # type: ignore[union-attr]
+        event(f"WRITER {ck._pipeline.executor.process.pid}")  # type: ignore[union-attr]
     resumed = ck.resume()
     bad = None if resumed is None else state_mismatch(state, resumed)
     event(f"RESUMED {resumed} {'OK' if bad is None else 'BAD'}")
@@ -145,7 +145,7 @@ def exit_scenario(cfg: dict[str, Any]) -> int:
     if scenario == "with_error":
         with AsyncCheckpointer(root, state, **kwargs) as ck:
             if executor == "process":
-                event(f"WRITER {ck._executor.process.pid}")  # type: ignore[union-attr]
+                event(f"WRITER {ck._pipeline.executor.process.pid}")  # type: ignore[union-attr]
             for s in range(1, n + 1):
                 fill(state, s)
                 ck.save_async(s)
@@ -153,7 +153,7 @@ def exit_scenario(cfg: dict[str, Any]) -> int:
             raise RuntimeError("training blew up")
     ck = AsyncCheckpointer(root, state, **kwargs)
     if executor == "process":
-        event(f"WRITER {ck._executor.process.pid}")  # type: ignore[union-attr]
+        event(f"WRITER {ck._pipeline.executor.process.pid}")  # type: ignore[union-attr]
     for s in range(1, n + 1):
         if fail and s == n:  # only the final save fails (an earlier failure would surface
             ck.wait()  # at the next save_async instead)

@@ -32,9 +32,9 @@ from typing import Any
 import pytest
 
 from asyncckpt import AsyncCheckpointer, CorruptCheckpointError, resume
+from asyncckpt.catalog import read_manifest
 from asyncckpt.cli import main as cli_main
 from asyncckpt.reader import verify_files
-from asyncckpt.resume import read_manifest
 from asyncckpt.storage import LocalStorage
 
 from ._support import (

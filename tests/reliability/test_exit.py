@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from asyncckpt import list_checkpoints
-from asyncckpt.resume import list_leftovers
+from asyncckpt.catalog import list_leftovers
 
 from ._procs import Spawner, Zygote
 from ._support import knob, pid_alive, report, slow_enabled

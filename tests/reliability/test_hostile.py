@@ -27,11 +27,11 @@ from typing import Any
 import pytest
 
 from asyncckpt import AsyncCheckpointer, CorruptCheckpointError, list_checkpoints, resume
+from asyncckpt.catalog import read_manifest
 from asyncckpt.cli import build_parser
 from asyncckpt.cli import main as cli_main
 from asyncckpt.manifest import MAX_MANIFEST_BYTES, MAX_TREE_DEPTH
 from asyncckpt.reader import verify_files
-from asyncckpt.resume import read_manifest
 from asyncckpt.storage import LocalStorage
 
 from ..helpers import rewrite_manifest

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from asyncckpt.resume import list_leftovers
+from asyncckpt.catalog import list_leftovers
 
 from ._fuzz import Fuzz
 from ._procs import Spawner, Zygote

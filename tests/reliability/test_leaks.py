@@ -25,7 +25,7 @@ def _segments(ck: AsyncCheckpointer) -> set[str]:
 
     Only this checkpointer's own segments are checked: /dev/shm is shared with every other
     process on the machine."""
-    pool = ck._pool
+    pool = ck._pipeline.stager.pool
     return set(pool.shm_names() or []) if pool is not None else set()
 
 
@@ -44,7 +44,7 @@ def test_two_hundred_back_to_back_saves_leak_nothing(tmp_path, executor: str) ->
     order: list[int] = []
     rss: dict[int, float] = {}
     ck = AsyncCheckpointer(root, state, executor=executor, max_inflight=2, keep=5)
-    writer_pids = [ck._executor.process.pid] if executor == "process" else []  # type: ignore[union-attr]
+    writer_pids = [ck._pipeline.executor.process.pid] if executor == "process" else []  # type: ignore[union-attr]
     segments = _segments(ck)
     assert (executor == "process") == bool(_alive_segments(segments))
     try:

@@ -17,7 +17,7 @@ import shutil
 import pytest
 
 from asyncckpt import AsyncCheckpointer, WriteError, list_checkpoints, resume
-from asyncckpt.resume import read_manifest
+from asyncckpt.catalog import read_manifest
 from asyncckpt.storage import LocalStorage
 
 from ..helpers import FaultyStorage, tree_digest

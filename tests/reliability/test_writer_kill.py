@@ -21,8 +21,8 @@ from collections import Counter
 import pytest
 
 from asyncckpt import AsyncCheckpointer, SaveHandle, WriterDiedError, list_checkpoints, resume
+from asyncckpt.catalog import list_leftovers, read_manifest
 from asyncckpt.reader import verify_files
-from asyncckpt.resume import list_leftovers, read_manifest
 from asyncckpt.storage import LocalStorage
 
 from ._support import Resources, fill, knob, make_state, pid_alive, report, seed, slow_enabled, state_mismatch
@@ -34,7 +34,7 @@ KEEP = 3
 
 
 def _kill_if_current(ck: AsyncCheckpointer, pid: int, killed: threading.Event) -> None:
-    proc = ck._executor.process  # type: ignore[union-attr]
+    proc = ck._pipeline.executor.process  # type: ignore[union-attr]
     if proc.pid == pid and proc.poll() is None:
         # set first: the trainer can hear of the death before this thread runs again
         killed.set()
@@ -43,7 +43,7 @@ def _kill_if_current(ck: AsyncCheckpointer, pid: int, killed: threading.Event) -
 
 def _restarted(ck: AsyncCheckpointer, old: int, timeout: float = 60) -> bool:
     """The writer that replaced ``old`` is up and its listener runs (restart complete)."""
-    ex = ck._executor  # type: ignore[union-attr]
+    ex = ck._pipeline.executor  # type: ignore[union-attr]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if ex.process.pid != old and ex.process.poll() is None and ex._listener.is_alive():  # type: ignore[union-attr]
@@ -138,7 +138,7 @@ def _writer_kill_fuzz(root: str, kills: int, rng: random.Random) -> Counter:
             settle(block=True)
             if len(ok) == before:
                 failures.append(f"kill {k}: no save committed after the restart")
-            old = ck._executor.process.pid  # type: ignore[union-attr]
+            old = ck._pipeline.executor.process.pid  # type: ignore[union-attr]
             killed = threading.Event()
             mode = rng.choice(["busy", "busy", "busy", "idle"])
             c[f"mode_{mode}"] += 1
@@ -171,7 +171,7 @@ def _writer_kill_fuzz(root: str, kills: int, rng: random.Random) -> Counter:
             settle(block=True)
             drain_notices()
             c["kills"] += 1
-            new = ck._executor.process.pid  # type: ignore[union-attr]
+            new = ck._pipeline.executor.process.pid  # type: ignore[union-attr]
             if new == old or pid_alive(old):
                 failures.append(f"kill {k}: writer not replaced (old {old}, new {new})")
             # a fresh reader: newest committed step, bit-exact; nothing reported lost is half there
@@ -228,7 +228,7 @@ def _writer_kill_fuzz(root: str, kills: int, rng: random.Random) -> Counter:
     c["saves_committed"] = len(ok)
     c["saves_lost"] = len(lost)
     c["reported_lost_but_committed"] = len(late)
-    assert not pid_alive(ck._executor.process.pid)  # type: ignore[union-attr]
+    assert not pid_alive(ck._pipeline.executor.process.pid)  # type: ignore[union-attr]
     AsyncCheckpointer(root, make_state(NUMEL)).close()  # a new checkpointer sweeps the killed writes
     assert list_leftovers(root) == []
     fresh = make_state(NUMEL)

@@ -15,23 +15,21 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import layout
+from .commit import await_manifest, gather_done_records, write_done_record, write_manifest
 from .errors import StepExistsError
-from .handle import CheckpointInfo, SaveHandle
+from .handle import CheckpointInfo
+from .layout import Kind
 from .manifest import Manifest
-from .policy import PERMANENT
-from .storage import Storage, retrying
-from .writer import DONE_SUFFIX, await_manifest, gather_done_records, write_done_record, write_manifest
+from .storage import AtomicRename, Storage, exists, retrying
 
-__all__ = ["UPLOADED_MARKER", "Uploader", "upload_step"]
+__all__ = ["Uploader", "upload_step", "upload_piece"]
 
 log = logging.getLogger("asyncckpt")
 
-UPLOADED_MARKER = ".uploaded"
 _CHUNK = 64 << 20
 
 
@@ -57,7 +55,7 @@ def _copy_file(src: Storage, src_path: str, dst: Storage, dst_path: str) -> int:
 
 def upload_step(local: Storage, local_dir: str, remote: Storage, remote_dir: str) -> int:
     """Copy a committed step; the manifest goes last.  Returns the bytes uploaded."""
-    names = [n for n in local.listdir(local_dir) if n not in (layout.MANIFEST, UPLOADED_MARKER)]
+    names = [n for n in local.listdir(local_dir) if n not in (layout.MANIFEST, layout.UPLOADED_MARKER)]
     remote.makedirs(remote_dir)  # a shared POSIX remote (object stores need none)
     total = 0
     for name in names:
@@ -70,7 +68,7 @@ def upload_step(local: Storage, local_dir: str, remote: Storage, remote_dir: str
 
 
 def _mark_uploaded(local: Storage, local_dir: str) -> None:
-    marker = layout.join(local_dir, UPLOADED_MARKER)
+    marker = layout.join(local_dir, layout.UPLOADED_MARKER)
     f = local.open_write(marker)
     local.finish_write(f, marker, 0)
 
@@ -93,13 +91,12 @@ def upload_piece(
     rank = m.piece
     assert rank is not None
     own = {n: f for n, f in m.files.items() if n not in (layout.MANIFEST, layout.DCP_METADATA)}
-    if remote.exists(layout.join(remote_dir, layout.MANIFEST)):
+    if exists(remote, layout.join(remote_dir, layout.MANIFEST)):
         raise StepExistsError(f"step {m.step} is already committed at {remote_dir}")
     remote.makedirs(remote_dir)
-    if remote.atomic_rename:  # a POSIX remote: a crashed run's files here would block ours
-        for name in [*own, f"__{rank}{DONE_SUFFIX}", f"__{rank}{DONE_SUFFIX}.part"]:
-            if remote.exists(layout.join(remote_dir, name)):
-                remote.rmtree(layout.join(remote_dir, name))  # a file: unlinked
+    if isinstance(remote, AtomicRename):  # a POSIX remote: a crashed run's files here would block ours
+        for name in [*own, layout.done_record(rank), layout.done_record(rank) + ".part"]:
+            remote.remove(layout.join(remote_dir, name))  # a file: unlinked
     total = 0
     for name in own:
         total += _copy_file(local, layout.join(local_dir, name), remote, layout.join(remote_dir, name))
@@ -112,35 +109,32 @@ def upload_piece(
         write_manifest(remote, remote_dir, joined, paths)
     else:
         joined = await_manifest(remote, remote_dir, m.step, timeout)
-    return total, CheckpointInfo.from_manifest(joined, remote_dir, PERMANENT)
+    return total, CheckpointInfo.from_manifest(joined, remote_dir, Kind.PERMANENT)
 
 
 @dataclass
 class _Upload:
-    handle: SaveHandle
     info: CheckpointInfo
-    future: concurrent.futures.Future[CheckpointInfo] = field(default_factory=concurrent.futures.Future)
+    future: concurrent.futures.Future[tuple[CheckpointInfo, float]] = field(
+        default_factory=concurrent.futures.Future
+    )
     # several ranks: the joined manifest's state tree and DCP paths (a piece has neither),
     # and the run id the ranks agreed on
     join: tuple[dict[str, Any], dict[str, tuple[str | int, ...]], str] | None = None
 
 
 class Uploader:
-    """One background thread uploading committed local steps in order."""
+    """One background thread uploading committed local steps in order.
+
+    :meth:`submit` returns a future of (remote step info, seconds); nothing is called back.
+    """
 
     def __init__(
-        self,
-        local: Storage,
-        remote: Storage,
-        remote_root: str,
-        on_uploaded: Callable[[CheckpointInfo, float], None],
-        on_failed: Callable[[SaveHandle, BaseException], None],
-        commit_timeout: float = 600.0,
+        self, local: Storage, remote: Storage, remote_root: str, commit_timeout: float = 600.0
     ) -> None:
         self.local, self.remote, self.remote_root = local, remote, remote_root
         self.commit_timeout = commit_timeout
-        self.on_uploaded, self.on_failed = on_uploaded, on_failed
-        self.pending: dict[int, _Upload] = {}
+        self._pending: dict[int, _Upload] = {}
         self._lock = threading.Lock()
         self._queue: queue.Queue[_Upload | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="asyncckpt-upload", daemon=True)
@@ -148,25 +142,26 @@ class Uploader:
 
     def submit(
         self,
-        handle: SaveHandle,
         info: CheckpointInfo,
-        future: concurrent.futures.Future[CheckpointInfo] | None = None,
         join: tuple[dict[str, Any], dict[str, tuple[str | int, ...]], str] | None = None,
-    ) -> concurrent.futures.Future[CheckpointInfo]:
-        up = _Upload(handle, info, future or concurrent.futures.Future(), join)
+    ) -> concurrent.futures.Future[tuple[CheckpointInfo, float]]:
+        """Upload committed local step ``info``; ``join``: a rank's piece of a step of several ranks."""
+        up = _Upload(info, join=join)
         with self._lock:
-            self.pending[info.step] = up
+            self._pending[info.step] = up
         self._queue.put(up)
         return up.future
 
     def uploading(self) -> set[int]:
+        """Steps submitted and not yet uploaded (or failed)."""
         with self._lock:
-            return set(self.pending)
+            return set(self._pending)
 
     def wait(self, timeout: float | None = None) -> bool:
+        """Wait for every submitted upload; False on timeout."""
         with self._lock:
-            futures = [u.future for u in self.pending.values()]
-        done, not_done = concurrent.futures.wait(futures, timeout=timeout)
+            futures = [u.future for u in self._pending.values()]
+        _, not_done = concurrent.futures.wait(futures, timeout=timeout)
         return not not_done
 
     def close(self) -> None:
@@ -190,13 +185,11 @@ class Uploader:
             except BaseException as e:
                 log.error("asyncckpt: uploading step %d to %s failed: %s", step, remote_dir, e)
                 with self._lock:
-                    self.pending.pop(step, None)
+                    self._pending.pop(step, None)
                 up.future.set_exception(e)
-                self.on_failed(up.handle, e)
                 continue
             seconds = time.perf_counter() - t0
             log.info("step=%d uploaded %.1fMiB in %.2fs to %s", step, nbytes / 2**20, seconds, remote_dir)
-            self.on_uploaded(remote_info, seconds)
             with self._lock:
-                self.pending.pop(step, None)
-            up.future.set_result(remote_info)
+                self._pending.pop(step, None)
+            up.future.set_result((remote_info, seconds))

@@ -1,0 +1,246 @@
+"""What exists under a root: committed steps, leftovers, upload state and protected steps.
+
+Every question "what is here?" goes through this module.  A step exists only if its
+``manifest.json`` parses and names its own step: no manifest, no checkpoint.  Listing never
+deletes and never writes, except :func:`protect`, which records a step retention must keep.
+
+:class:`Catalog` is one process's view of the root it writes: the committed steps it knows of
+(listed at start, then added as they commit), which the scheduler asks before a save and the
+pruner plans deletions from.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from . import layout
+from .errors import CorruptCheckpointError, StorageError
+from .handle import CheckpointInfo
+from .layout import KINDS, Kind
+from .manifest import MAX_MANIFEST_BYTES, Manifest
+from .policy import CheckpointRecord
+from .storage import AtomicRename, Storage, exists, storage_for
+
+__all__ = [
+    "Catalog",
+    "normalize_root",
+    "read_manifest",
+    "step_dirs",
+    "list_in",
+    "list_checkpoints",
+    "list_leftovers",
+    "leftover_reason",
+    "read_protected",
+    "protect",
+]
+
+log = logging.getLogger("asyncckpt")
+
+
+def normalize_root(root: str | os.PathLike[str]) -> str:
+    """A URL as is; a local path (or ``file://`` URL) made absolute."""
+    r = os.fspath(root)
+    if r.startswith("file://"):
+        r = r[len("file://") :]
+    return os.path.abspath(r) if "://" not in r else r.rstrip("/")
+
+
+def read_manifest(storage: Storage, step_dir: str) -> Manifest:
+    """The validated manifest of ``step_dir``.
+
+    Raises:
+        CorruptCheckpointError: it is missing, too large or invalid.
+        StorageError: the storage could not answer (after retries); says nothing of the data.
+    """
+    path = layout.join(step_dir, layout.MANIFEST)
+    st = storage.stat(path)
+    if st is None or st.kind != "file":
+        raise CorruptCheckpointError(f"{path} is missing: {step_dir} was never committed")
+    if st.size > MAX_MANIFEST_BYTES:
+        raise CorruptCheckpointError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes")
+    return Manifest.from_json(storage.read_bytes(path), path)
+
+
+def step_dirs(storage: Storage, root: str) -> list[tuple[int, Kind, str]]:
+    """(step, kind, path) of every step directory, oldest first; permanent before snapshot.
+
+    A symlinked step directory would load data from outside the root: it is never listed.
+    """
+    out = []
+    for kind in KINDS:
+        base = layout.kind_root(root, kind)
+        for name in storage.listdir(base):
+            step = layout.parse_step(name)
+            if step is None:
+                continue
+            path = layout.join(base, name)
+            if isinstance(storage, AtomicRename):  # object stores have no links
+                st = storage.stat(path)
+                if st is None or st.kind == "link":
+                    continue
+            out.append((step, kind, path))
+    return sorted(out, key=lambda t: (t[0], t[1] == Kind.PERMANENT))
+
+
+def _upload_state(storage: Storage, path: str, m: Manifest) -> str | None:
+    if m.remote is None:
+        return None
+    return "uploaded" if exists(storage, layout.join(path, layout.UPLOADED_MARKER)) else "pending"
+
+
+def list_in(storage: Storage, root: str) -> list[CheckpointInfo]:
+    """Committed checkpoints under ``root`` (through an existing backend), oldest first.
+
+    A step deleted while it is being listed is left out; a storage error is raised, never
+    taken for "not committed".
+    """
+    out = []
+    for step, kind, path in step_dirs(storage, root):
+        try:
+            m = read_manifest(storage, path)
+        except CorruptCheckpointError:
+            continue
+        except StorageError as e:
+            if e.errno == errno.ENOENT:  # deleted while we looked
+                continue
+            raise
+        if m.step == step:
+            out.append(CheckpointInfo.from_manifest(m, path, kind, _upload_state(storage, path, m)))
+    return out
+
+
+def list_checkpoints(
+    root: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
+) -> list[CheckpointInfo]:
+    """Committed checkpoints under ``root``, oldest first.
+
+    A directory counts only if its manifest parses and names its own step; files are not
+    checksummed here (``asyncckpt verify`` does that).
+    """
+    r = normalize_root(root)
+    return list_in(storage_for(r, storage_options), r)
+
+
+def list_leftovers(
+    root: str | os.PathLike[str], *, storage_options: dict[str, Any] | None = None
+) -> list[str]:
+    """Uncommitted leftovers: temp directories and step directories without a valid manifest."""
+    r = normalize_root(root)
+    storage = storage_for(r, storage_options)
+    return leftovers_in(storage, r)
+
+
+def leftovers_in(storage: Storage, root: str) -> list[str]:
+    """``list_leftovers`` through an existing backend."""
+    out = []
+    for kind in KINDS:
+        tmp = layout.tmp_dir(layout.kind_root(root, kind))
+        out += [layout.join(tmp, n) for n in storage.listdir(tmp)]
+    committed = {c.path for c in list_in(storage, root)}
+    out += [p for _, _, p in step_dirs(storage, root) if p not in committed]
+    return out
+
+
+def leftover_reason(storage: Storage, path: str) -> str:
+    """Why ``path`` (one of :func:`leftovers_in`) is not a committed checkpoint."""
+    parent, _ = layout.parent(path)
+    if layout.parent(parent)[1] == layout.TMP_DIR:
+        return "in-progress or abandoned save"
+    st = storage.stat(layout.join(path, layout.MANIFEST))
+    if st is None or st.kind != "file":
+        return "no manifest: never committed"
+    try:
+        m = read_manifest(storage, path)
+    except (CorruptCheckpointError, StorageError):
+        return "invalid manifest"
+    return f"manifest names step {m.step}"
+
+
+# --------------------------------------------------------------------------- protected steps
+
+
+def read_protected(storage: Storage, root: str) -> set[int]:
+    """Steps recorded by :func:`protect` under ``root``; unreadable records are ignored."""
+    path = layout.join(root, layout.PROTECTED_FILE)
+    st = storage.stat(path)
+    if st is None:
+        return set()
+    if st.kind != "file":  # a FIFO would block the read forever
+        log.warning("asyncckpt: ignoring %s: not a regular file", path)
+        return set()
+    try:
+        steps = json.loads(storage.read_bytes(path))
+        return {int(s) for s in steps if isinstance(s, int) and not isinstance(s, bool)}
+    except (ValueError, TypeError, OSError) as e:
+        log.warning("asyncckpt: ignoring unreadable %s (%s)", path, e)
+        return set()
+
+
+_PROTECT_LOCK = threading.Lock()
+
+
+def protect(storage: Storage, root: str, steps: Iterable[int]) -> set[int]:
+    """Add ``steps`` to the root's protected set (re-read first, so no entry is lost); returns
+    the new set."""
+    with _PROTECT_LOCK:
+        now = read_protected(storage, root) | set(steps)
+        data = json.dumps(sorted(now)).encode()
+        path = layout.join(root, layout.PROTECTED_FILE)
+        if isinstance(storage, AtomicRename):
+            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:  # an object PUT replaces atomically
+            storage.remove(path)
+            out = storage.open_write(path)
+            out.write(data)
+            storage.finish_write(out, path, len(data))
+    return now
+
+
+# --------------------------------------------------------------------------- one writer's view
+
+
+class Catalog:
+    """The committed steps of the root this process writes, by kind; thread-safe."""
+
+    def __init__(self, existing: Iterable[CheckpointInfo] = ()) -> None:
+        self._lock = threading.Lock()
+        self._records: dict[tuple[Kind, int], CheckpointRecord] = {}
+        for info in existing:
+            self.add(info)
+
+    def add(self, info: CheckpointInfo) -> None:
+        """Record a committed step."""
+        kind = Kind(info.tier)
+        with self._lock:
+            self._records[(kind, info.step)] = CheckpointRecord(
+                step=info.step, time=info.time, metrics=dict(info.metrics), tier=kind.value
+            )
+
+    def discard(self, kind: Kind, step: int) -> None:
+        """Forget a step (it was deleted)."""
+        with self._lock:
+            self._records.pop((kind, step), None)
+
+    def has(self, kind: Kind, step: int) -> bool:
+        with self._lock:
+            return (kind, step) in self._records
+
+    def steps(self, kind: Kind = Kind.PERMANENT) -> set[int]:
+        with self._lock:
+            return {s for k, s in self._records if k is kind}
+
+    def history(self) -> list[CheckpointRecord]:
+        """Every record, for retention planning."""
+        with self._lock:
+            return list(self._records.values())

@@ -1,0 +1,352 @@
+"""Grouped options of :class:`~asyncckpt.AsyncCheckpointer`, each validated where defined.
+
+```python
+AsyncCheckpointer(
+    root, state,
+    schedule=ScheduleOptions(policy=EveryNSteps(500), total_steps=10_000),
+    keep=KeepLast(3),
+    snapshots=SnapshotOptions(every=50),
+    select=SelectOptions(exclude=["optim"]),
+    staging=StagingOptions(overlap=True),
+    writer=WriterOptions(executor="process"),
+    storage=StorageOptions(fsspec={"anon": False}, local_dir="/nvme/ckpt"),
+)
+```
+
+Each group is a frozen dataclass that raises :class:`~asyncckpt.ConfigError` on a bad value
+when it is built, so a typo fails before training starts.  The flat keywords of 0.1
+(``max_inflight=``, ``save_policy=``, ...) still work for one release, with a
+``DeprecationWarning`` naming the new spelling (:func:`from_legacy`).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+from .policy import EveryNSteps, KeepLast, Never, RetentionPolicy, SavePolicy
+
+__all__ = [
+    "ScheduleOptions",
+    "SnapshotOptions",
+    "SelectOptions",
+    "StagingOptions",
+    "WriterOptions",
+    "StorageOptions",
+    "as_retention",
+    "from_legacy",
+]
+
+
+def _int(owner: str, name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        extra = " (or None)" if allow_none else ""
+        raise ConfigError(f"{owner}: {name} must be an int >= {minimum}{extra}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ScheduleOptions:
+    """When to save.
+
+    Attributes:
+        policy: a save policy (``EveryNSteps``, ``EveryNSeconds``, ``PerEpoch``, ``AtSteps``,
+            ``Schedule``, ``Custom``, ``SaveOnImprovement``..., combined with ``|``), or an int
+            N for every N steps.  None: every ``save_async`` call saves.  ``Never()`` saves
+            only the final step ("final only").
+        total_steps: the last step of training; ``save_async(total_steps)`` always saves.
+        final: ``close()`` saves the last step passed to ``save_async`` if the policy skipped
+            it, so the end of training is never lost.
+        on_signal: signals (e.g. ``[signal.SIGTERM]``) that request a save at the next
+            ``save_async``; the handler only sets a flag (``signal_received``).
+        trigger_file: if this file exists at a ``save_async`` call, that call saves and the
+            file is removed.
+    """
+
+    policy: SavePolicy | int | None = None
+    total_steps: int | None = None
+    final: bool = True
+    on_signal: Sequence[int] = ()
+    trigger_file: str | None = None
+
+    def __post_init__(self) -> None:
+        p = self.policy
+        if isinstance(p, int) and not isinstance(p, bool):
+            object.__setattr__(self, "policy", EveryNSteps(p))
+        elif p is not None and not isinstance(p, SavePolicy):
+            raise ConfigError(
+                f"ScheduleOptions: policy must be a policy such as EveryNSteps(500), an int N for "
+                f"every N steps, or None; got {p!r}"
+            )
+        _int("ScheduleOptions", "total_steps", self.total_steps, 0, allow_none=True)
+        if not isinstance(self.final, bool):
+            raise ConfigError(f"ScheduleOptions: final must be True or False, got {self.final!r}")
+        if isinstance(self.on_signal, (str, bytes)) or not all(isinstance(s, int) for s in self.on_signal):
+            raise ConfigError(f"ScheduleOptions: on_signal must be a list of signals, got {self.on_signal!r}")
+        object.__setattr__(self, "on_signal", tuple(self.on_signal))
+        if self.trigger_file is not None and not isinstance(self.trigger_file, (str, os.PathLike)):
+            raise ConfigError(f"ScheduleOptions: trigger_file must be a path, got {self.trigger_file!r}")
+
+
+@dataclass(frozen=True)
+class SnapshotOptions:
+    """A fast rolling tier under ``root/snapshots``: every ``every`` steps (when no permanent
+    save happens) a snapshot is written; only the newest ``slots`` are kept, and an old one is
+    deleted only after a newer one committed.  ``resume`` considers both tiers."""
+
+    every: int
+    slots: int = 2
+
+    def __post_init__(self) -> None:
+        _int("SnapshotOptions", "every", self.every, 1)
+        _int("SnapshotOptions", "slots", self.slots, 1)
+
+
+_SAVE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass(frozen=True)
+class SelectOptions:
+    """What goes into a checkpoint.
+
+    Attributes:
+        include: fqn patterns to save (fnmatch or prefix, e.g. ``["model"]``); None: all.
+        exclude: fqn patterns to leave out of every save (e.g. ``["optim"]``).
+        model_only: save only the ``nn.Module`` entries of the state ("weights only").
+        dtype: cast floating-point tensors to this dtype (``torch.bfloat16``,
+            ``torch.float16`` or ``torch.float32``) in the saved copy; the live state is
+            untouched.
+    """
+
+    include: Sequence[str] | None = None
+    exclude: Sequence[str] = ()
+    model_only: bool = False
+    dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        for name, pats in (("include", self.include or ()), ("exclude", self.exclude)):
+            if isinstance(pats, str) or not all(isinstance(p, str) for p in pats):
+                raise ConfigError(
+                    f"SelectOptions: {name} must be a list of fqn patterns such as ['model'], got {pats!r}"
+                )
+        if self.include is not None:
+            object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.dtype is not None and self.dtype not in _SAVE_DTYPES:
+            raise ConfigError(
+                "SelectOptions: dtype must be torch.bfloat16, torch.float16 or torch.float32, "
+                f"got {self.dtype!r}"
+            )
+
+    def patterns(self, state: dict[str, Any]) -> tuple[list[str] | None, list[str]]:
+        """(include, exclude) fqn patterns for ``state``; ``model_only`` names its modules."""
+        include = list(self.include) if self.include is not None else None
+        if self.model_only:
+            modules = [k for k, v in state.items() if isinstance(v, torch.nn.Module)]
+            if not modules:
+                raise ConfigError("SelectOptions(model_only=True), but the state holds no nn.Module")
+            include = modules if include is None else [*include, *modules]
+        return include, list(self.exclude)
+
+
+@dataclass(frozen=True)
+class StagingOptions:
+    """The host copy that ``save_async`` waits for.
+
+    Attributes:
+        max_inflight: snapshots that may wait on the writer at once; each costs one host
+            buffer the size of the state's tensors.
+        on_busy: ``"wait"`` blocks ``save_async`` until a buffer frees up; ``"skip"``
+            returns None and saves nothing when every buffer is still being written.
+        overlap: return from ``save_async`` as soon as the copy is queued; an optimizer
+            step pre-hook waits for the copy, so call ``wait_staged()`` before mutating the
+            state any other way.
+    """
+
+    max_inflight: int = 1
+    on_busy: str = "wait"
+    overlap: bool = False
+
+    def __post_init__(self) -> None:
+        _int("StagingOptions", "max_inflight", self.max_inflight, 1)
+        if self.on_busy not in ("wait", "skip"):
+            raise ConfigError(f"StagingOptions: on_busy must be 'wait' or 'skip', got {self.on_busy!r}")
+        if not isinstance(self.overlap, bool):
+            raise ConfigError(f"StagingOptions: overlap must be True or False, got {self.overlap!r}")
+
+
+@dataclass(frozen=True)
+class WriterOptions:
+    """Who writes, and how.
+
+    Attributes:
+        executor: ``"thread"`` (a writer thread in this process) or ``"process"`` (a
+            persistent writer process, so writing never competes with training for the GIL).
+        threads: shard files written in parallel per save.
+        restart: with ``"process"``, start a fresh writer if it dies; saves in flight are
+            reported as ``WriterDiedError``, never silently dropped.
+        commit_timeout: with several ranks, how long rank 0 waits for every rank's shards
+            (and the others for rank 0's manifest) before the save fails naming who is missing.
+    """
+
+    executor: str = "thread"
+    threads: int = 1
+    restart: bool = True
+    commit_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.executor not in ("thread", "process"):
+            raise ConfigError(f"WriterOptions: executor must be 'thread' or 'process', got {self.executor!r}")
+        _int("WriterOptions", "threads", self.threads, 1)
+        if isinstance(self.commit_timeout, bool) or not isinstance(self.commit_timeout, (int, float)):
+            raise ConfigError(f"WriterOptions: commit_timeout must be seconds, got {self.commit_timeout!r}")
+        if not self.commit_timeout > 0:
+            raise ConfigError(f"WriterOptions: commit_timeout must be > 0, got {self.commit_timeout!r}")
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """Where checkpoints go besides ``root``.
+
+    Attributes:
+        fsspec: fsspec options for a URL root such as ``s3://bucket/run7`` (credentials,
+            ``client_kwargs={"endpoint_url": ...}``); redacted wherever shown.
+        local_dir: a local-first tier: commit to this fast local directory first, then
+            upload each permanent checkpoint to ``root`` in the background
+            (``SaveHandle.uploaded``).  ``resume`` prefers the local copy.
+        backend: advanced: a :class:`~asyncckpt.storage.Storage` for ``root`` (default:
+            chosen from ``root``); tests pass fault-injecting backends here.  Not with
+            ``executor="process"``, whose writer builds its own.
+    """
+
+    fsspec: dict[str, Any] | None = None
+    local_dir: str | os.PathLike[str] | None = None
+    backend: Any = None
+
+    def __post_init__(self) -> None:
+        if self.fsspec is not None and not isinstance(self.fsspec, dict):
+            raise ConfigError(f"StorageOptions: fsspec must be a dict of fsspec options, got {self.fsspec!r}")
+        if self.local_dir is not None and not isinstance(self.local_dir, (str, os.PathLike)):
+            raise ConfigError(f"StorageOptions: local_dir must be a directory path, got {self.local_dir!r}")
+
+
+def as_retention(keep: Any) -> list[RetentionPolicy]:
+    """``keep=`` as a list of policies: None keeps all, an int k keeps the last k."""
+    if keep is None:
+        return []
+    if isinstance(keep, int) and not isinstance(keep, bool):
+        return [KeepLast(keep)]
+    items = list(keep) if isinstance(keep, (list, tuple)) else [keep]
+    for k in items:
+        if not isinstance(k, RetentionPolicy):
+            raise ConfigError(
+                f"keep must be a retention policy such as KeepLast(3), a list of them, or an "
+                f"int k for the last k; got {k!r}"
+            )
+    return items
+
+
+# --------------------------------------------------------------------------- the 0.1 keywords
+
+# old keyword -> (group, field in the group); mode and save_dtype are handled apart
+_LEGACY: dict[str, tuple[str, str]] = {
+    "save_policy": ("schedule", "policy"),
+    "total_steps": ("schedule", "total_steps"),
+    "save_final": ("schedule", "final"),
+    "save_on_signal": ("schedule", "on_signal"),
+    "trigger_file": ("schedule", "trigger_file"),
+    "snapshot_every": ("snapshots", "every"),
+    "snapshot_slots": ("snapshots", "slots"),
+    "include": ("select", "include"),
+    "exclude": ("select", "exclude"),
+    "model_only": ("select", "model_only"),
+    "save_dtype": ("select", "dtype"),
+    "max_inflight": ("staging", "max_inflight"),
+    "on_busy": ("staging", "on_busy"),
+    "overlap": ("staging", "overlap"),
+    "executor": ("writer", "executor"),
+    "write_threads": ("writer", "threads"),
+    "restart": ("writer", "restart"),
+    "commit_timeout": ("writer", "commit_timeout"),
+    "storage_options": ("storage", "fsspec"),
+    "local_dir": ("storage", "local_dir"),
+}
+_GROUPS: dict[str, type] = {
+    "schedule": ScheduleOptions,
+    "snapshots": SnapshotOptions,
+    "select": SelectOptions,
+    "staging": StagingOptions,
+    "writer": WriterOptions,
+    "storage": StorageOptions,
+}
+
+
+def from_legacy(groups: dict[str, Any], legacy: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """Fold the 0.1 flat keywords into the option groups, warning once per call.
+
+    Returns the groups (``groups`` updated) and whether the checkpointer is enabled
+    (``mode="disabled"``).  A keyword given both ways, or an unknown one, is a ConfigError.
+    """
+    enabled = True
+    unknown = sorted(set(legacy) - set(_LEGACY) - {"mode"})
+    if unknown:
+        raise TypeError(f"AsyncCheckpointer() got unexpected keyword argument(s) {unknown}")
+    if groups.get("storage") is not None and not isinstance(groups["storage"], StorageOptions):
+        legacy = {**legacy, "_backend": groups.pop("storage")}  # 0.1: storage= took a backend
+    if not legacy:
+        return groups, enabled
+    fields: dict[str, dict[str, Any]] = {}
+    given: dict[str, list[str]] = {}  # group -> the 0.1 keywords that filled it
+    hints = []
+    for key, value in legacy.items():
+        if key == "mode":
+            if value not in (None, "disabled", "final_only"):
+                raise ConfigError(f"mode must be None, 'disabled' or 'final_only', got {value!r}")
+            if value == "disabled":
+                enabled = False
+                hints.append("mode='disabled' -> enabled=False")
+            elif value == "final_only":
+                fields.setdefault("schedule", {})["policy"] = Never()
+                hints.append("mode='final_only' -> schedule=ScheduleOptions(policy=Never())")
+            continue
+        if key == "_backend":
+            fields.setdefault("storage", {})["backend"] = value
+            hints.append("storage=<backend> -> storage=StorageOptions(backend=...)")
+            continue
+        group, name = _LEGACY[key]
+        if value is None and name in ("every",):
+            continue  # snapshot_every=None: no snapshots
+        fields.setdefault(group, {})[name] = value
+        given.setdefault(group, []).append(key)
+        hints.append(f"{key}= -> {group}={_GROUPS[group].__name__}({name}=...)")
+    for group, values in fields.items():
+        if groups.get(group) is not None:
+            raise ConfigError(
+                f"{', '.join(sorted(values))} given both as a 0.1 keyword and in {group}=; use {group}= only"
+            )
+        if group == "snapshots" and "every" not in values:
+            try:  # validated, though without every= there are no snapshots
+                SnapshotOptions(every=1, **values)
+            except ConfigError as e:
+                raise ConfigError(f"{e} (given as the 0.1 keyword(s) {', '.join(given[group])})") from None
+            continue
+        try:
+            groups[group] = _GROUPS[group](**values)
+        except ConfigError as e:
+            raise ConfigError(
+                f"{e} (given as the 0.1 keyword(s) {', '.join(given.get(group, []))})"
+            ) from None
+    warnings.warn(
+        "AsyncCheckpointer: the flat keywords are deprecated and will be removed in 0.3; "
+        "use the option groups: " + "; ".join(hints),
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return groups, enabled

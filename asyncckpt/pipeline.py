@@ -1,0 +1,346 @@
+"""The save pipeline behind :class:`~asyncckpt.AsyncCheckpointer`, wired once.
+
+```
+trainer thread                   writer (thread or process)       finalize thread
+Scheduler.decide -> Kind | None
+flatten + select (state.py)
+Sharder.local -> this rank's part
+Stager.stage -> Lease ---------> executor.submit(request, lease)
+                                  shards from the slot (writer.py)
+                                  commit, manifest last (commit.py)
+                                  released -> lease.release()
+                                  committed --------------------> Finalizer: catalog, pruner,
+                                                                  upload, telemetry, handle
+```
+
+Futures flow one way; errors land in one :class:`~asyncckpt.handle.ErrorInbox` and are
+re-raised on the trainer thread.  :class:`NullPipeline` is the disabled checkpointer: the same
+methods, doing nothing, starting nothing.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import distributed, layout
+from .catalog import Catalog, list_in, normalize_root, protect
+from .errors import CheckpointTimeoutError, ConfigError, StepExistsError
+from .executor import ProcessExecutor, ThreadExecutor
+from .finalize import Finalizer, RemoteTier
+from .handle import ErrorInbox, SaveHandle
+from .layout import Kind
+from .options import (
+    ScheduleOptions,
+    SelectOptions,
+    SnapshotOptions,
+    StagingOptions,
+    StorageOptions,
+    WriterOptions,
+)
+from .policy import RetentionPolicy
+from .pruner import Pruner, sweep_tmp
+from .request import SaveRequest
+from .resume import resume_in
+from .schedule import Scheduler
+from .sharding import Sharder
+from .staging import Stager
+from .state import FlatState, flatten_state, select_state
+from .storage import RootCheck, Storage, storage_for
+from .telemetry import Telemetry
+from .upload import Uploader
+
+__all__ = ["Options", "Pipeline", "NullPipeline"]
+
+log = logging.getLogger("asyncckpt")
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("asyncckpt")
+    except Exception:
+        return "0"
+
+
+@dataclass(frozen=True)
+class Options:
+    """Every option group, resolved (defaults filled in)."""
+
+    schedule: ScheduleOptions
+    keep: list[RetentionPolicy]
+    snapshots: SnapshotOptions | None
+    select: SelectOptions
+    staging: StagingOptions
+    writer: WriterOptions
+    storage: StorageOptions
+    on_stats: Any = None
+
+
+class Selector:
+    """The live state, flattened and cut to the selection."""
+
+    def __init__(self, state: dict[str, Any], select: SelectOptions) -> None:
+        self.state = state
+        self.include, self.exclude = select.patterns(state)
+
+    def flat(self) -> FlatState:
+        flat = flatten_state(self.state)
+        if self.include is not None or self.exclude:
+            flat = select_state(flat, self.include, self.exclude)
+        return flat
+
+
+class Pipeline:
+    """The live checkpointer: storage, catalog, pruner, scheduler, stager, executor, finalizer."""
+
+    def __init__(self, root: str, selector: Selector, opts: Options) -> None:
+        self.selector = selector
+        self.opts = opts
+        self.root, self.remote_root = normalize_root(root), None
+        st = opts.storage
+        if st.local_dir is not None:  # root is the remote tier; saves land locally first
+            self.remote_root, self.root = self.root, os.path.abspath(os.fspath(st.local_dir))
+        backend: Storage = st.backend or storage_for(self.remote_root or self.root, st.fsspec)
+        self.remote: Storage | None = backend if self.remote_root else None
+        self.storage: Storage = storage_for(self.root) if self.remote_root else backend
+        writer_fsspec = None if self.remote_root else st.fsspec  # the writer sees the local tier only
+        self.dist = distributed.current()
+        # several ranks with a local-first tier: each rank keeps its own part of every step in
+        # its own directory (local disks are per node), joined on the remote by the uploader
+        self.pieces = self.dist is not None and st.local_dir is not None
+        if self.pieces:
+            if opts.snapshots is not None:
+                raise ConfigError(
+                    "snapshots with local_dir and several ranks are not supported: a rolling snapshot "
+                    "must be loadable from one root; drop local_dir or the snapshots option"
+                )
+            self.root = layout.join(self.root, layout.rank_dir(self.dist.rank))  # type: ignore[union-attr]
+        self.storage.makedirs(self.root)
+        if isinstance(self.storage, RootCheck):
+            self.storage.check_root(self.root)  # a missing bucket fails now, not at the first save
+        coordinator = self.dist is None or self.dist.coordinator
+        if coordinator or self.pieces:
+            sweep_tmp(self.storage, self.root)
+        # every rank constructs the checkpointer together: agree on the run id (after the sweep)
+        self.run_id = distributed.agree_run_id() if self.dist is not None else ""
+        existing = list_in(self.storage, self.root)
+        self.catalog = Catalog(existing)
+        slots = opts.snapshots.slots if opts.snapshots is not None else 2
+        # one rank deletes from a shared root: rank 0; each rank prunes its own local pieces
+        prunes = coordinator or self.pieces
+        self.pruner = Pruner(
+            self.storage, self.root, self.catalog, opts.keep if prunes else [], slots if prunes else None
+        )
+        self.telemetry = Telemetry(opts.on_stats)
+        self.inbox = ErrorInbox()
+        remote = None
+        if self.remote is not None and self.remote_root is not None:
+            if isinstance(self.remote, RootCheck):
+                self.remote.check_root(self.remote_root)
+            self.uploader = Uploader(self.storage, self.remote, self.remote_root, opts.writer.commit_timeout)
+            remote = RemoteTier(self.uploader, self.remote_root)
+            if coordinator:
+                remote.catalog = Catalog(list_in(self.remote, self.remote_root))
+                remote.pruner = Pruner(self.remote, self.remote_root, remote.catalog, opts.keep, slots)
+        self.finalizer = Finalizer(self.catalog, self.pruner, self.telemetry, self.inbox, remote)
+        # a crash may have interrupted uploads: finish them (a step of several ranks commits
+        # only if every rank uploads its part, so those are dropped)
+        for info in existing if remote is not None and not self.pieces else ():
+            if info.upload == "pending":
+                self.finalizer.upload_existing(info)
+        self.scheduler = Scheduler(opts.schedule, opts.snapshots)
+        self.sharder = Sharder(self.dist)
+        process = opts.writer.executor == "process"
+        self.stager = Stager(opts.staging, shared=process, dtype=opts.select.dtype)
+        self.stager.ensure(self.sharder.local(selector.flat()).flat)  # allocate before training
+        self.executor: ThreadExecutor | ProcessExecutor = (
+            ProcessExecutor(
+                self.root, opts.writer.threads, restart=opts.writer.restart, storage_options=writer_fsspec
+            )
+            if process
+            else ThreadExecutor(self.storage, opts.writer.threads)
+        )
+        self.version = _version()
+
+    # -- saving
+    def save(self, step: int, metrics: dict[str, Any], force: bool) -> SaveHandle | None:
+        t0 = time.perf_counter()
+        for notice in self.executor.take_notices():
+            self.inbox.put(notice)
+        self.inbox.raise_pending()
+        if (dead := self.executor.failure()) is not None:
+            raise dead
+        kind = self.scheduler.decide(step, metrics, force)
+        if kind is None:
+            return None
+        if self.catalog.has(kind, step):
+            raise StepExistsError(
+                f"step {step} is already committed at {layout.step_dir(self.root, kind, step)}; committed "
+                "checkpoints are never overwritten. Use a new step number or delete that directory"
+            )
+        if step in self.finalizer.in_flight():
+            raise StepExistsError(f"step {step} is already being saved")
+        shard = self.sharder.local(self.selector.flat())
+        lease = self.stager.stage(shard.flat, step)
+        if lease is None:
+            log.info(
+                "step=%d skipped: all %d staging buffers are still being written",
+                step,
+                self.opts.staging.max_inflight,
+            )
+            self.telemetry.start(step, skipped=True, stall_s=time.perf_counter() - t0)
+            return None
+        handle = SaveHandle(step)
+        handle.staged = lease.staged
+        tiered = self.remote_root is not None and kind is Kind.PERMANENT
+        if tiered:
+            handle.uploaded = concurrent.futures.Future()
+        rec = self.telemetry.start(
+            step, tier=kind.value, staging_bytes=lease.pool.plan.total_bytes, slot_wait_s=lease.slot_wait_s
+        )
+        lease.staged.add_done_callback(lambda _: self.telemetry.update(rec, staging_s=lease.staging_s))
+        request = SaveRequest(
+            root=layout.kind_root(self.root, kind),
+            step=step,
+            kind=kind,
+            tree=shard.flat.tree,
+            paths=shard.flat.paths,
+            metrics=metrics,
+            rank=self.dist.rank if self.dist else 0,
+            world_size=self.dist.world_size if self.dist else 1,
+            chunk_offsets=shard.chunk_offsets,
+            global_shapes=shard.global_shapes,
+            run_id=self.run_id,
+            commit_timeout=self.opts.writer.commit_timeout,
+            remote=layout.join(self.remote_root, layout.step_dirname(step)) if tiered else None,  # type: ignore[arg-type]
+            library_version=self.version,
+        )
+        released, committed = self.executor.submit(request, lease)
+        released.add_done_callback(lambda _: lease.release())
+        join = (shard.flat.tree, shard.flat.paths, self.run_id) if self.pieces else None
+        self.finalizer.track(handle, kind, committed, rec, join)
+        self.telemetry.update(rec, stall_s=time.perf_counter() - t0)
+        return handle
+
+    def should_save(self, step: int, metrics: dict[str, Any]) -> bool:
+        return self.scheduler.decide(step, metrics, consume=False) is not None
+
+    @property
+    def signal_received(self) -> int | None:
+        return self.scheduler.signal_received
+
+    # -- waiting
+    def wait_staged(self, timeout: float | None) -> None:
+        for h in self.finalizer.handles():
+            try:
+                h.staged.result(timeout)
+            except (TimeoutError, concurrent.futures.TimeoutError):  # distinct classes before 3.11
+                raise CheckpointTimeoutError(f"step {h.step} was not staged within {timeout}s") from None
+            except BaseException:
+                pass  # surfaces through the inbox
+        self.inbox.raise_pending()
+
+    def wait(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for h in self.finalizer.handles():
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, _ = concurrent.futures.wait([h.committed], timeout=left)
+            if not done:
+                raise CheckpointTimeoutError(
+                    f"step {h.step} was not committed within {timeout}s; storage is slow or stuck"
+                )
+        self.inbox.raise_pending()
+
+    def wait_uploaded(self, timeout: float | None) -> None:
+        if not self.finalizer.wait_uploads(timeout):
+            raise CheckpointTimeoutError(f"uploads to {self.remote_root} did not finish within {timeout}s")
+        self.inbox.raise_pending()
+
+    # -- everything else
+    def resume(
+        self, step: int | None, strict: bool, exclude: Sequence[str], allow_missing: bool
+    ) -> int | None:
+        self.wait(None)
+        sources = [] if self.pieces else [(self.storage, self.root)]  # a piece is not loadable
+        if self.remote is not None and self.remote_root is not None:
+            sources.append((self.remote, self.remote_root))
+        loaded = resume_in(
+            sources,
+            self.selector.state,
+            step=step,
+            strict=strict,
+            exclude=exclude,
+            allow_missing=allow_missing,
+        )
+        if loaded is not None:
+            # loading often creates state (an optimizer's moments): size the buffers now
+            self.stager.ensure(self.sharder.local(self.selector.flat()).flat)
+        return loaded
+
+    def protect(self, step: int) -> None:
+        protect(self.storage, self.root, [step])
+
+    def stats(self) -> list[dict[str, Any]]:
+        return self.telemetry.records()
+
+    def close(self, final_step: int | None, save_final: bool) -> None:
+        try:
+            self.wait(None)  # a snapshot of the final step may still be in flight
+            target = self.scheduler.final_step(final_step) if save_final or final_step is not None else None
+            if target is not None:
+                step, metrics = target
+                if not self.catalog.has(Kind.PERMANENT, step) and step not in self.finalizer.in_flight():
+                    self.save(step, metrics, force=True)
+            self.wait(None)
+            self.finalizer.wait_uploads()  # the final checkpoint must reach the remote tier
+        finally:
+            self.shutdown()
+        self.inbox.raise_pending()
+
+    def shutdown(self) -> None:
+        self.scheduler.close()
+        self.executor.close()
+        self.finalizer.close()
+        if self.remote_root is not None:
+            self.uploader.close()
+        self.stager.close()
+
+
+class NullPipeline:
+    """The disabled checkpointer: writes nothing, starts no thread or process."""
+
+    signal_received = None
+
+    def save(self, step: int, metrics: dict[str, Any], force: bool) -> None:
+        return None
+
+    def should_save(self, step: int, metrics: dict[str, Any]) -> bool:
+        return False
+
+    def wait_staged(self, timeout: float | None) -> None:
+        pass
+
+    def wait(self, timeout: float | None) -> None:
+        pass
+
+    def wait_uploaded(self, timeout: float | None) -> None:
+        pass
+
+    def resume(self, step: int | None, strict: bool, exclude: Sequence[str], allow_missing: bool) -> None:
+        return None
+
+    def protect(self, step: int) -> None:
+        pass
+
+    def stats(self) -> list[dict[str, Any]]:
+        return []
+
+    def close(self, final_step: int | None, save_final: bool) -> None:
+        pass

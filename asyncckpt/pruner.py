@@ -1,0 +1,143 @@
+"""The only code that deletes: retention, snapshot rotation, temp sweeps and ``gc``.
+
+Decisions come from the pure policies in ``policy.py`` over the catalog's history.  A deletion
+first *decommits* the step (POSIX: an atomic rename into ``.tmp/``; object stores: the
+manifest goes first), then removes the files, so a crash mid-delete never leaves a
+half-deleted step that looks committed.  Whatever the policies say, the newest permanent
+step, steps in flight and protected steps are never deleted.  A failed delete is logged and
+retried at the next prune; it never fails training.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Collection, Sequence
+
+from . import layout
+from .catalog import Catalog, read_protected
+from .layout import KINDS, Kind
+from .policy import RetentionPolicy, plan_deletions
+from .storage import AtomicRename, MultipartUploads, Storage, exists
+
+__all__ = ["Pruner", "decommit_and_remove", "sweep_tmp", "abort_uploads"]
+
+log = logging.getLogger("asyncckpt")
+
+
+def decommit_and_remove(storage: Storage, path: str, step: int) -> None:
+    """Delete step directory ``path``: decommit it first, then remove its files."""
+    base, _ = layout.parent(path)
+    if isinstance(storage, AtomicRename):
+        trash_dir = layout.tmp_dir(base)
+        storage.makedirs(trash_dir)
+        trash = layout.join(trash_dir, layout.tmp_dirname(step))
+        storage.rename_dir(path, trash)  # out of the step namespace atomically
+    else:  # object store: removing the manifest decommits the step
+        storage.remove(layout.join(path, layout.MANIFEST))
+        trash = path
+    storage.remove(trash)
+
+
+def sweep_tmp(storage: Storage, root: str) -> list[str]:
+    """Remove our in-progress directories under ``root`` (POSIX only); returns them.
+
+    On object stores a prefix without a manifest may be another writer's save in progress,
+    so it is left to ``gc``.
+    """
+    if not isinstance(storage, AtomicRename):
+        return []
+    removed = []
+    for kind in KINDS:
+        tmp = layout.tmp_dir(layout.kind_root(root, kind))
+        for name in storage.listdir(tmp):
+            if layout.is_tmp_name(name):
+                storage.remove(layout.join(tmp, name))
+                removed.append(layout.join(tmp, name))
+    return removed
+
+
+def abort_uploads(
+    storage: Storage, root: str, min_age: float, now: float, dry_run: bool = False
+) -> tuple[list[tuple[str, str, float | None]], list[tuple[str, float | None]], list[str]]:
+    """Abort the multipart uploads that killed writers left under ``root``.
+
+    Returns (aborted: url, id, age), (skipped as too recent: url, age), errors.
+    """
+    if not isinstance(storage, MultipartUploads):
+        return [], [], []
+    aborted, young, errors = [], [], []
+    for url, upload_id, started in storage.pending_uploads(root):
+        age = None if started is None else max(0.0, now - started)
+        if min_age > 0 and (age is None or age < min_age):
+            young.append((url, age))
+            continue
+        if not dry_run:
+            try:
+                storage.abort_upload(url, upload_id)
+            except OSError as e:
+                errors.append(f"could not abort the upload of {url}: {e}")
+                continue
+        aborted.append((url, upload_id, age))
+    return aborted, young, errors
+
+
+class Pruner:
+    """Applies retention and snapshot rotation to one root after each commit."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        root: str,
+        catalog: Catalog,
+        policies: Sequence[RetentionPolicy],
+        snapshot_slots: int | None,
+    ) -> None:
+        """``snapshot_slots`` None keeps every snapshot (ranks other than 0 never delete)."""
+        self.storage = storage
+        self.root = root
+        self.catalog = catalog
+        self.policies = list(policies)
+        self.snapshot_slots = snapshot_slots
+        self._failed: set[tuple[Kind, int]] = set()
+
+    def plan(self, in_flight: Collection[int] = ()) -> list[tuple[Kind, int]]:
+        """What :meth:`apply` would delete now."""
+        history = self.catalog.history()
+        protected = read_protected(self.storage, self.root) if self.policies else set()
+        victims = [
+            (Kind.PERMANENT, s)
+            for s in plan_deletions(history, self.policies, time.time(), protected=protected, in_flight=in_flight)
+        ] if self.policies else []  # fmt: skip
+        if self.snapshot_slots is not None:
+            snaps = sorted(r.step for r in history if r.tier == Kind.SNAPSHOT)
+            victims += [(Kind.SNAPSHOT, s) for s in snaps[: max(0, len(snaps) - self.snapshot_slots)]]
+        victims += [v for v in sorted(self._failed) if v not in victims and self.catalog.has(*v)]
+        return victims
+
+    def apply(self, in_flight: Collection[int] = ()) -> list[tuple[Kind, int]]:
+        """Delete what the policies drop, plus snapshots beyond the slots; never raises."""
+        try:
+            victims = self.plan(in_flight)
+        except Exception as e:  # e.g. the protected set could not be read: delete nothing
+            log.warning("asyncckpt: retention skipped: %s", e)
+            return []
+        return [v for v in victims if self.delete(*v)]
+
+    def delete(self, kind: Kind, step: int) -> bool:
+        """Delete one committed step; False (and retried later) if that failed."""
+        path = layout.step_dir(self.root, kind, step)
+        try:
+            if not exists(self.storage, path):  # already gone (e.g. `asyncckpt gc`)
+                self.catalog.discard(kind, step)
+                self._failed.discard((kind, step))
+                return True
+            decommit_and_remove(self.storage, path, step)
+        except Exception as e:  # retention must never fail training
+            log.warning("asyncckpt: could not delete %s (%s); will retry after the next commit", path, e)
+            self._failed.add((kind, step))
+            return False
+        self.catalog.discard(kind, step)
+        self._failed.discard((kind, step))
+        log.info("asyncckpt: retention deleted %s", path)
+        return True

@@ -1,0 +1,67 @@
+"""Storage behind one small protocol, addressed by ``str`` paths.
+
+Every stage that touches bytes at rest (writer, commit, upload, reader, catalog, pruner) talks
+to a :class:`Storage`: ten methods, each documented below.  What only some backends can do is
+an optional capability, a ``runtime_checkable`` protocol checked with ``isinstance``:
+
+- :class:`AtomicRename`: POSIX; a step commits by renaming its finished temp directory.
+  Without it (object stores), a step commits when its ``manifest.json`` is written last.
+- :class:`RangedReads`: object stores; loads issue concurrent ranged GETs.
+- :class:`MultipartUploads`: S3; ``gc`` lists and aborts uploads killed writers left open.
+- :class:`RootCheck`: fail at construction when a bucket is missing.
+
+Backends: :class:`LocalStorage` (POSIX, fsync and atomic rename) and :class:`FsspecStorage`
+(any fsspec URL: ``s3://``, ``memory://``, ...).  ``tests/test_storage_conformance.py`` runs
+the same suite against both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import (
+    AtomicRename,
+    MultipartUploads,
+    RangedReads,
+    RootCheck,
+    Stat,
+    Storage,
+    exists,
+    is_file,
+    renames_atomically,
+    retrying,
+)
+from .fsspec import FsspecStorage
+from .local import LocalStorage, wrap_os_error
+from .redact import redact
+
+__all__ = [
+    "Storage",
+    "Stat",
+    "AtomicRename",
+    "RangedReads",
+    "MultipartUploads",
+    "RootCheck",
+    "LocalStorage",
+    "FsspecStorage",
+    "storage_for",
+    "retrying",
+    "exists",
+    "is_file",
+    "renames_atomically",
+    "wrap_os_error",
+    "redact",
+    "is_url",
+]
+
+
+def is_url(root: str) -> bool:
+    """Whether ``root`` names an fsspec URL (``file://`` counts as a local path)."""
+    return "://" in root and not root.startswith("file://")
+
+
+def storage_for(root: str, storage_options: dict[str, Any] | None = None) -> Storage:
+    """The storage backend for ``root``: local paths, or any fsspec URL."""
+    if is_url(root):
+        return FsspecStorage(root, storage_options)
+    return LocalStorage()

@@ -1,0 +1,160 @@
+"""The storage protocol, its optional capabilities, and helpers over them."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Protocol, TypeVar, runtime_checkable
+
+
+@dataclass(frozen=True)
+class Stat:
+    """What :meth:`Storage.stat` knows of a path.
+
+    Attributes:
+        kind: ``"file"``, ``"dir"``, ``"link"`` (a symlink, never followed) or ``"other"``
+            (a FIFO, a socket, a device: never opened).
+        size: bytes, for a file; 0 otherwise.
+    """
+
+    kind: str
+    size: int = 0
+
+
+class Storage(Protocol):
+    """What the pipeline needs from a storage backend.
+
+    Attributes:
+        retries: how often a whole unit (a file write, a ranged read) is retried after a
+            transient error; the data is still at hand (in the staging slot, or unread).
+    """
+
+    retries: int
+
+    def makedirs(self, path: str) -> None:
+        """Create ``path`` and its parents if the backend has directories; no-op otherwise."""
+        ...
+
+    def open_write(self, path: str) -> BinaryIO:
+        """A new file for writing; never replaces an existing one where the backend can tell."""
+        ...
+
+    def finish_write(self, f: BinaryIO, path: str, size: int | None = None) -> None:
+        """Make ``f`` durable (fsync, or complete the upload) and close it; with ``size``,
+        confirm that the stored object holds exactly that many bytes."""
+        ...
+
+    def abort_write(self, f: BinaryIO) -> None:
+        """Abandon ``f``: close it without completing it (aborts a multipart upload)."""
+        ...
+
+    def open_read(self, path: str) -> BinaryIO:
+        """A file for reading, with ``seek`` and ``readinto``."""
+        ...
+
+    def read_bytes(self, path: str, limit: int | None = None) -> bytes:
+        """The whole file, or its first ``limit`` bytes."""
+        ...
+
+    def stat(self, path: str) -> Stat | None:
+        """What ``path`` is, or None when the backend *definitely* says it does not exist.
+
+        Any other failure (throttling, a timeout, a 5xx, access denied) raises
+        :class:`~asyncckpt.StorageError`: a transient error is never taken for "missing".
+        """
+        ...
+
+    def listdir(self, path: str) -> list[str]:
+        """Names directly under ``path``, sorted; empty when ``path`` does not exist."""
+        ...
+
+    def remove(self, path: str) -> None:
+        """Delete a file, or a directory and everything under it; absent is fine.
+        Symlinks and special files are unlinked, never followed or opened."""
+        ...
+
+    def is_transient(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is worth retrying (throttling, 5xx, timeouts, dropped connections)."""
+        ...
+
+
+@runtime_checkable
+class AtomicRename(Protocol):
+    """A backend whose directory rename is atomic: a step commits by renaming its temp dir."""
+
+    def rename_dir(self, src: str, dst: str) -> None:
+        """Rename ``src`` to ``dst``; fails if ``dst`` exists."""
+        ...
+
+    def sync_dir(self, path: str) -> None:
+        """Make the directory entries of ``path`` durable (fsync of the directory)."""
+        ...
+
+
+@runtime_checkable
+class RangedReads(Protocol):
+    """A backend where a byte range is one request; loads fetch many concurrently."""
+
+    def read_range(self, path: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of ``path``, retried on transient errors."""
+        ...
+
+
+@runtime_checkable
+class MultipartUploads(Protocol):
+    """A backend that keeps the parts of unfinished uploads until they are aborted."""
+
+    def pending_uploads(self, root: str) -> list[tuple[str, str, float | None]]:
+        """(object URL, upload id, start time or None) of every open upload under ``root``."""
+        ...
+
+    def abort_upload(self, url: str, upload_id: str) -> None:
+        """Abort one open upload, freeing its parts."""
+        ...
+
+
+@runtime_checkable
+class RootCheck(Protocol):
+    """A backend that can tell, before the first save, that a root is unusable."""
+
+    def check_root(self, root: str) -> None:
+        """Raise :class:`~asyncckpt.StorageError` naming the problem (e.g. a missing bucket)."""
+        ...
+
+
+def renames_atomically(storage: Any) -> bool:
+    """Whether steps on ``storage`` commit by an atomic rename (else: manifest last)."""
+    return isinstance(storage, AtomicRename)
+
+
+def exists(storage: Storage, path: str) -> bool:
+    """Whether anything is at ``path`` (a transient error raises, never answers False)."""
+    return storage.stat(path) is not None
+
+
+def is_file(storage: Storage, path: str) -> bool:
+    """Whether ``path`` is a regular file (a symlink or a FIFO is not)."""
+    st = storage.stat(path)
+    return st is not None and st.kind == "file"
+
+
+T = TypeVar("T")
+
+
+def retrying(storage: Storage, attempt: Callable[[], T]) -> T:
+    """Run ``attempt`` again, with backoff, while it fails with a transient error.
+
+    At most ``storage.retries`` retries; permanent errors (access denied, no such bucket)
+    are raised at once.  Callers retry whole units (a file, a range), whose data is still
+    at hand.
+    """
+    for n in range(storage.retries + 1):
+        try:
+            return attempt()
+        except Exception as e:
+            cause = e.__cause__ if e.__cause__ is not None else e
+            if n == storage.retries or not (storage.is_transient(e) or storage.is_transient(cause)):
+                raise
+            time.sleep(min(8.0, 0.2 * 2**n))
+    raise AssertionError("unreachable")

@@ -1,0 +1,233 @@
+"""Any fsspec filesystem (``s3://``, ``gs://``, ``memory://`` ...) as a :class:`Storage`."""
+
+from __future__ import annotations
+
+import errno
+from typing import Any, BinaryIO
+
+from ..errors import StorageError
+from .base import Stat, retrying
+from .redact import install_log_redaction, redact, secrets_of
+
+__all__ = ["FsspecStorage"]
+
+# Words in the errors s3fs/botocore/aiohttp raise for conditions worth retrying: throttling,
+# 5xx, connection resets and timeouts.  Access denied and missing buckets are not among them.
+_TRANSIENT_WORDS = (
+    "throttl", "slowdown", "slow down", "timeout", "timed out", "connection reset",
+    "connectionreset", "internalerror", "internal error", "serviceunavailable",
+    "service unavailable", "bad gateway", "requesttimeout", "broken pipe", "server disconnected",
+    "could not connect", "connection was closed", "endpointconnectionerror", "connectionclosederror",
+    "clientconnectorerror", "clientoserror", "connection refused",
+)  # fmt: skip
+
+
+class FsspecStorage:
+    """Any fsspec filesystem (``s3://``, ``gs://``, ``memory://`` ...) behind the same interface.
+
+    Object stores have no atomic rename, so a step commits when its ``manifest.json`` is
+    written, after every shard upload has been confirmed (closed and its size checked).
+    Credentials live only in the filesystem object; they are redacted from every message.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        block_size: int = 64 << 20,
+        retries: int = 3,
+    ) -> None:
+        import fsspec
+
+        self.url = url
+        self.protocol = url.split("://", 1)[0]
+        # the multipart part size: s3fs's own option, honoured here too (we pass it per open)
+        self.block_size = int((storage_options or {}).get("default_block_size", block_size))
+        self.retries = retries
+        self._secrets = secrets_of(storage_options)
+        self._shown = redact(storage_options)
+        install_log_redaction(self._secrets)
+        try:
+            self.fs = fsspec.filesystem(self.protocol, **(storage_options or {}))
+        except ImportError as e:
+            from ..errors import ConfigError
+
+            raise ConfigError(
+                f"no fsspec backend for {self.protocol}:// ({e}); install it, e.g. "
+                "`pip install asyncckpt[s3]` for s3://"
+            ) from e
+
+    def __repr__(self) -> str:
+        return f"FsspecStorage({self.protocol}://, options={self._shown})"
+
+    def _clean(self, text: str) -> str:
+        for s in self._secrets:
+            text = text.replace(s, "***")
+        return text
+
+    def _wrap(self, op: str, path: str, exc: BaseException) -> StorageError:
+        if isinstance(exc, StorageError):
+            return exc
+        code = getattr(exc, "errno", None) or 0
+        if isinstance(exc, PermissionError):
+            code, hint = errno.EACCES, " Access denied: check the credentials and the bucket policy."
+        elif isinstance(exc, FileNotFoundError):
+            code, hint = errno.ENOENT, " Not found: check that the bucket exists."
+        else:
+            hint = " Retried and still failing; check the store." if self.is_transient(exc) else ""
+        msg = self._clean(f"{op} failed: {type(exc).__name__}: {exc}.{hint}")
+        return StorageError(code, msg, self._clean(path))
+
+    def _call(self, op: str, path: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise self._wrap(op, path, e) from e  # the cause decides whether it is retried
+
+    def is_transient(self, exc: BaseException) -> bool:
+        if isinstance(exc, StorageError) and exc.__cause__ is not None:
+            return self.is_transient(exc.__cause__)  # judge the store's error, not our message
+        if isinstance(exc, (PermissionError, FileNotFoundError, FileExistsError)):
+            return False
+        if isinstance(exc, (TimeoutError, ConnectionError)):
+            return True
+        text = f"{type(exc).__name__} {exc}".lower()
+        return any(w in text for w in _TRANSIENT_WORDS)
+
+    _OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2")
+
+    def makedirs(self, path: str) -> None:
+        if self.protocol in self._OBJECT_STORES:
+            return  # prefixes need no creating; makedirs would try to create the bucket
+        self._call("mkdir", path, self.fs.makedirs, path, exist_ok=True)
+
+    def check_root(self, root: str) -> None:
+        """Fail early, naming the bucket, if the root's bucket is missing or not ours to see."""
+        if self.protocol not in self._OBJECT_STORES:
+            return
+        bucket = root.split("://", 1)[1].split("/", 1)[0]
+        if self.stat(f"{self.protocol}://{bucket}") is None:  # an unreachable store raises
+            raise StorageError(
+                errno.ENOENT,
+                f"bucket {bucket!r} does not exist or these credentials cannot see it; create "
+                "it or fix storage_options",
+                root,
+            )
+
+    def open_write(self, path: str) -> BinaryIO:
+        return self._call("open for writing", path, self.fs.open, path, "wb", block_size=self.block_size)
+
+    def finish_write(self, f: BinaryIO, path: str, size: int | None = None) -> None:
+        """Close (completing the upload) and confirm the object's size."""
+        self._call("upload", path, f.close)
+        if size is not None:
+            self.fs.invalidate_cache(path)
+            actual = self._call("stat", path, self.fs.size, path)
+            if actual != size:
+                raise StorageError(
+                    errno.EIO, f"upload incomplete: {actual} bytes stored, {size} written", path
+                )
+
+    def abort_write(self, f: BinaryIO) -> None:
+        """Abandon an upload (aborts a multipart upload instead of completing it)."""
+        from fsspec.spec import AbstractBufferedFile
+
+        try:
+            if isinstance(f, AbstractBufferedFile):  # s3fs, gcsfs, ...: drop the upload
+                f.discard()
+                # nothing is left to flush: without this, s3fs tries anyway when the file is
+                # garbage-collected, and warns
+                f.closed = True
+            else:  # e.g. memory://, whose close() stores the file: store it, then remove it
+                f.close()
+                path = getattr(f, "path", None)
+                if path is not None:
+                    self.fs.rm(path)
+        except Exception:
+            pass
+
+    def pending_uploads(self, root: str) -> list[tuple[str, str, float | None]]:
+        """Multipart uploads begun under ``root`` and never completed nor aborted, as
+        (object URL, upload id, start time); a writer killed mid-upload leaves these behind,
+        and the store keeps (and bills) their parts until they are aborted."""
+        if self.protocol not in ("s3", "s3a"):
+            return []
+        bucket, _, prefix = root.split("://", 1)[1].partition("/")
+        prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        query: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+        out: list[tuple[str, str, float | None]] = []
+        while True:
+            page = self._call(
+                "list multipart uploads", root, self.fs.call_s3, "list_multipart_uploads", **query
+            )
+            for u in page.get("Uploads") or []:
+                if not u["Key"].startswith(prefix):
+                    continue
+                started = u.get("Initiated")
+                when = started.timestamp() if hasattr(started, "timestamp") else None
+                out.append((f"{self.protocol}://{bucket}/{u['Key']}", u["UploadId"], when))
+            if not page.get("IsTruncated"):
+                return out
+            query.update(KeyMarker=page.get("NextKeyMarker"), UploadIdMarker=page.get("NextUploadIdMarker"))
+
+    def abort_upload(self, url: str, upload_id: str) -> None:
+        bucket, _, key = url.split("://", 1)[1].partition("/")
+        self._call(
+            "abort multipart upload", url, self.fs.call_s3, "abort_multipart_upload",
+            Bucket=bucket, Key=key, UploadId=upload_id,
+        )  # fmt: skip
+
+    def open_read(self, path: str) -> BinaryIO:
+        return self._call("open for reading", path, self.fs.open, path, "rb", block_size=self.block_size)
+
+    def read_bytes(self, path: str, limit: int | None = None) -> bytes:
+        if limit is not None and limit <= 0:
+            return b""
+        # no Range header for a whole file: a range on an empty object is an error on S3
+        rng = {} if limit is None else {"start": 0, "end": limit}
+        return retrying(self, lambda: bytes(self._call("read", path, self.fs.cat_file, path, **rng)))
+
+    def read_range(self, path: str, start: int, end: int) -> bytes:
+        """One ranged GET; loads issue many of these concurrently."""
+        if end <= start:
+            return b""
+        return retrying(
+            self, lambda: bytes(self._call("read", path, self.fs.cat_file, path, start=start, end=end))
+        )
+
+    def stat(self, path: str) -> Stat | None:
+        def attempt() -> Stat | None:
+            self.fs.invalidate_cache(path)
+            try:
+                info = self.fs.info(path)
+            except FileNotFoundError:
+                return None  # the store's definite answer
+            except Exception as e:
+                raise self._wrap("stat", path, e) from e
+            kind = {"file": "file", "directory": "dir", "link": "link"}.get(info.get("type"), "other")
+            return Stat(kind, int(info.get("size") or 0) if kind == "file" else 0)
+
+        return retrying(self, attempt)
+
+    def listdir(self, path: str) -> list[str]:
+        def attempt() -> list[str]:
+            self.fs.invalidate_cache(path)
+            try:
+                entries = self.fs.ls(path, detail=False)
+            except FileNotFoundError:
+                return []
+            except Exception as e:
+                raise self._wrap("list", path, e) from e
+            return sorted({str(p).rstrip("/").rsplit("/", 1)[-1] for p in entries})
+
+        return retrying(self, attempt)
+
+    def remove(self, path: str) -> None:
+        try:
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+        except Exception as e:
+            raise self._wrap("remove", path, e) from None
+        self.fs.invalidate_cache(path)

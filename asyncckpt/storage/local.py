@@ -1,0 +1,130 @@
+"""POSIX storage: fsync of files and directories, and an atomic directory rename."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat as stat_mod
+from typing import BinaryIO
+
+from ..errors import StorageError
+from .base import Stat
+
+__all__ = ["LocalStorage", "wrap_os_error"]
+
+
+def wrap_os_error(op: str, path: str, exc: OSError) -> StorageError:
+    """An OSError as a StorageError that names the operation and path (cause kept by caller)."""
+    hint = ""
+    if exc.errno == errno.ENOSPC:
+        hint = " The disk is full: free space or point the checkpointer at a larger volume."
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        hint = " Check the permissions of the checkpoint root."
+    # OSError's own formatting appends the path: "[Errno 28] write failed: ...: '/ckpt/...'"
+    return StorageError(exc.errno or 0, f"{op} failed: {exc.strerror or exc}.{hint}", path)
+
+
+class LocalStorage:
+    """A local POSIX filesystem; commits by renaming a finished temp directory."""
+
+    retries = 0
+
+    def makedirs(self, path: str) -> None:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise wrap_os_error("mkdir", path, e) from e
+
+    def open_write(self, path: str) -> BinaryIO:
+        try:
+            return open(path, "xb", buffering=0)  # exclusive: never clobber an existing file
+        except OSError as e:
+            raise wrap_os_error("open for writing", path, e) from e
+
+    def finish_write(self, f: BinaryIO, path: str, size: int | None = None) -> None:
+        """Flush and fsync; a file is durable only after this returns."""
+        try:
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as e:
+            raise wrap_os_error("fsync", path, e) from e
+        finally:
+            f.close()
+
+    def abort_write(self, f: BinaryIO) -> None:
+        f.close()
+
+    def open_read(self, path: str) -> BinaryIO:
+        try:
+            return open(path, "rb", buffering=0)
+        except OSError as e:
+            raise wrap_os_error("open for reading", path, e) from e
+
+    def read_bytes(self, path: str, limit: int | None = None) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                return f.read() if limit is None else f.read(limit)
+        except OSError as e:
+            raise wrap_os_error("read", path, e) from e
+
+    def stat(self, path: str) -> Stat | None:
+        # lstat: a symlink is reported as one, never followed, so a checkpoint cannot point
+        # outside itself
+        try:
+            st = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError as e:
+            raise wrap_os_error("stat", path, e) from e
+        mode = st.st_mode
+        if stat_mod.S_ISREG(mode):
+            return Stat("file", st.st_size)
+        if stat_mod.S_ISDIR(mode):
+            return Stat("dir")
+        if stat_mod.S_ISLNK(mode):
+            return Stat("link")
+        return Stat("other")
+
+    def listdir(self, path: str) -> list[str]:
+        try:
+            return sorted(os.listdir(path))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        except OSError as e:
+            raise wrap_os_error("list", path, e) from e
+
+    def remove(self, path: str) -> None:
+        try:
+            if not stat_mod.S_ISDIR(os.lstat(path).st_mode):  # a file, a symlink, a FIFO: never opened
+                os.unlink(path)
+                return
+            shutil.rmtree(path)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise wrap_os_error("remove", path, e) from e
+
+    def is_transient(self, exc: BaseException) -> bool:
+        return False
+
+    # -- AtomicRename
+    def rename_dir(self, src: str, dst: str) -> None:
+        try:
+            if os.path.lexists(dst):  # rename() would replace an empty dir silently
+                raise FileExistsError(errno.EEXIST, "destination exists", dst)
+            os.rename(src, dst)
+        except OSError as e:
+            raise wrap_os_error("rename", f"{src} -> {dst}", e) from e
+
+    def sync_dir(self, path: str) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise wrap_os_error("open directory", path, e) from e
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            raise wrap_os_error("fsync directory", path, e) from e
+        finally:
+            os.close(fd)
