@@ -116,8 +116,8 @@ class BlobTemplate:
     """The bytes ``torch.save`` writes around one tensor's data, for a given dtype and shape.
 
     A shard item is ``prefix + raw tensor bytes + suffix``: a valid ``torch.save`` zip that
-    stock DCP loads.  The zip's crc32 field of the data record is zeroed (torch.load does not
-    require it); asyncckpt's own crc32 covers the whole blob.  Building it once per staging
+    stock DCP loads.  The zip's crc32 fields of the data record (local header, data
+    descriptor, central directory) are zeroed (torch.load does not check them); asyncckpt's own crc32 covers the whole blob.  Building it once per staging
     plan turns every later save into three large sequential writes, with no pickling.
     """
 
@@ -163,6 +163,8 @@ def blob_template(alias: torch.Tensor) -> BlobTemplate:
     suffix = bytearray(sink.read_range(data_offset + nbytes, sink.pos - data_offset - nbytes))
     struct.pack_into("<I", prefix, header + 14, 0)  # local header crc32 of the data record
     struct.pack_into("<I", suffix, central - data_offset - nbytes + 16, 0)  # central entry crc32
+    if suffix[:4] == b"PK\x07\x08":  # a data descriptor right after the data: its crc32 too
+        struct.pack_into("<I", suffix, 4, 0)
     return BlobTemplate(bytes(prefix), bytes(suffix))
 
 

@@ -68,7 +68,8 @@ def read_manifest(storage: Storage, step_dir: str) -> Manifest:
 
 
 def step_dirs(storage: Storage, root: str) -> list[tuple[int, Kind, str]]:
-    """(step, kind, path) of every step directory, oldest first; permanent before snapshot.
+    """(step, kind, path) of every step directory, oldest first; at the same step the
+    snapshot sorts first (so the permanent copy is the newer candidate).
 
     A symlinked step directory would load data from outside the root: it is never listed.
     """

@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -123,8 +122,10 @@ class AsyncCheckpointer:
             Pipeline(os.fspath(root), selector, opts) if enabled else NullPipeline()
         )
         self.root = self._pipeline.root if isinstance(self._pipeline, Pipeline) else os.fspath(root)
-        if enabled:
-            self._atexit = _exit_hook(weakref.ref(self), os.getpid())
+        if isinstance(self._pipeline, Pipeline):
+            # held strongly, as the writer threads hold the pipeline: a checkpointer dropped
+            # without close() is still drained at exit
+            self._atexit = _exit_hook(self._pipeline, os.getpid())
             atexit.register(self._atexit)
 
     # ------------------------------------------------------------------ public API
@@ -252,18 +253,17 @@ def _expect(name: str, value: Any, cls: type, optional: bool = False) -> Any:
     return value
 
 
-def _exit_hook(ref: weakref.ref[AsyncCheckpointer], pid: int) -> Callable[[], None]:
-    """An atexit callback that drains the checkpointer if it is still alive (weakly held).
+def _exit_hook(pipeline: Pipeline, pid: int) -> Callable[[], None]:
+    """An atexit callback that drains a pipeline nobody closed.
 
     A forked child inherits the hook but not the writer: it does nothing there.
     """
 
     def hook() -> None:
-        ckpt = ref()
-        if ckpt is None or os.getpid() != pid:
+        if os.getpid() != pid:
             return
         try:
-            ckpt.close()
+            pipeline.close(None, pipeline.opts.schedule.final)
         except Exception as e:  # at exit there is no caller left to raise to
             log.error("asyncckpt: a save failed while draining at interpreter exit: %s", e)
 

@@ -245,7 +245,7 @@ def gather_done_records(
     if not _poll(collect, timeout, should_abort, step):
         missing = sorted(set(range(world_size)) - set(records))
         raise CheckpointTimeoutError(
-            f"step {step}: ranks {missing} did not finish writing within {timeout:.0f}s "
+            f"step {step}: ranks {missing} did not finish writing within {timeout:g}s "
             "(crashed or stuck); the step is not committed. Check those ranks' logs, or raise "
             "commit_timeout for slow storage"
         )
@@ -285,7 +285,7 @@ def await_manifest(
     manifest_path = layout.join(final, layout.MANIFEST)
     if not _poll(lambda: exists(storage, manifest_path), timeout, should_abort, step):
         raise CheckpointTimeoutError(
-            f"step {step}: rank 0 did not commit within {timeout:.0f}s (crashed or "
+            f"step {step}: rank 0 did not commit within {timeout:g}s (crashed or "
             "stuck); this rank's shards are written but the step is not committed"
         )
     return Manifest.from_json(storage.read_bytes(manifest_path), manifest_path)

@@ -88,7 +88,9 @@ class ScheduleOptions:
         _int("ScheduleOptions", "total_steps", self.total_steps, 0, allow_none=True)
         if not isinstance(self.final, bool):
             raise ConfigError(f"ScheduleOptions: final must be True or False, got {self.final!r}")
-        if isinstance(self.on_signal, (str, bytes)) or not all(isinstance(s, int) for s in self.on_signal):
+        if not isinstance(self.on_signal, (list, tuple, set, frozenset)) or not all(
+            isinstance(s, int) for s in self.on_signal
+        ):
             raise ConfigError(f"ScheduleOptions: on_signal must be a list of signals, got {self.on_signal!r}")
         object.__setattr__(self, "on_signal", tuple(self.on_signal))
         if self.trigger_file is not None and not isinstance(self.trigger_file, (str, os.PathLike)):
@@ -131,11 +133,13 @@ class SelectOptions:
     dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
-        for name, pats in (("include", self.include or ()), ("exclude", self.exclude)):
-            if isinstance(pats, str) or not all(isinstance(p, str) for p in pats):
+        for name, pats in (("include", () if self.include is None else self.include), ("exclude", self.exclude)):
+            if not isinstance(pats, (list, tuple)) or not all(isinstance(p, str) for p in pats):
                 raise ConfigError(
                     f"SelectOptions: {name} must be a list of fqn patterns such as ['model'], got {pats!r}"
                 )
+        if not isinstance(self.model_only, bool):
+            raise ConfigError(f"SelectOptions: model_only must be True or False, got {self.model_only!r}")
         if self.include is not None:
             object.__setattr__(self, "include", tuple(self.include))
         object.__setattr__(self, "exclude", tuple(self.exclude))
@@ -205,6 +209,8 @@ class WriterOptions:
         if self.executor not in ("thread", "process"):
             raise ConfigError(f"WriterOptions: executor must be 'thread' or 'process', got {self.executor!r}")
         _int("WriterOptions", "threads", self.threads, 1)
+        if not isinstance(self.restart, bool):
+            raise ConfigError(f"WriterOptions: restart must be True or False, got {self.restart!r}")
         if isinstance(self.commit_timeout, bool) or not isinstance(self.commit_timeout, (int, float)):
             raise ConfigError(f"WriterOptions: commit_timeout must be seconds, got {self.commit_timeout!r}")
         if not self.commit_timeout > 0:
@@ -313,7 +319,6 @@ def from_legacy(groups: dict[str, Any], legacy: dict[str, Any]) -> tuple[dict[st
                 enabled = False
                 hints.append("mode='disabled' -> enabled=False")
             elif value == "final_only":
-                fields.setdefault("schedule", {})["policy"] = Never()
                 hints.append("mode='final_only' -> schedule=ScheduleOptions(policy=Never())")
             continue
         if key == "_backend":
@@ -326,6 +331,9 @@ def from_legacy(groups: dict[str, Any], legacy: dict[str, Any]) -> tuple[dict[st
         fields.setdefault(group, {})[name] = value
         given.setdefault(group, []).append(key)
         hints.append(f"{key}= -> {group}={_GROUPS[group].__name__}({name}=...)")
+    if legacy.get("mode") == "final_only":  # as in 0.1, it wins over save_policy=
+        fields.setdefault("schedule", {})["policy"] = Never()
+        given.setdefault("schedule", []).append("mode")
     for group, values in fields.items():
         if groups.get(group) is not None:
             raise ConfigError(

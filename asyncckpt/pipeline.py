@@ -168,6 +168,7 @@ class Pipeline:
             else ThreadExecutor(self.storage, opts.writer.threads)
         )
         self.version = _version()
+        self.closed = False
 
     # -- saving
     def save(self, step: int, metrics: dict[str, Any], force: bool) -> SaveHandle | None:
@@ -291,6 +292,9 @@ class Pipeline:
         return self.telemetry.records()
 
     def close(self, final_step: int | None, save_final: bool) -> None:
+        if self.closed:
+            return
+        self.closed = True
         try:
             self.wait(None)  # a snapshot of the final step may still be in flight
             target = self.scheduler.final_step(final_step) if save_final or final_step is not None else None

@@ -20,23 +20,27 @@ from .layout import KINDS, Kind
 from .policy import RetentionPolicy, plan_deletions
 from .storage import AtomicRename, MultipartUploads, Storage, exists
 
-__all__ = ["Pruner", "decommit_and_remove", "sweep_tmp", "abort_uploads"]
+__all__ = ["Pruner", "decommit", "decommit_and_remove", "sweep_tmp", "abort_uploads"]
 
 log = logging.getLogger("asyncckpt")
 
 
-def decommit_and_remove(storage: Storage, path: str, step: int) -> None:
-    """Delete step directory ``path``: decommit it first, then remove its files."""
+def decommit(storage: Storage, path: str, step: int) -> str:
+    """Make step directory ``path`` no longer a checkpoint; returns what is left to remove."""
     base, _ = layout.parent(path)
     if isinstance(storage, AtomicRename):
         trash_dir = layout.tmp_dir(base)
         storage.makedirs(trash_dir)
         trash = layout.join(trash_dir, layout.tmp_dirname(step))
         storage.rename_dir(path, trash)  # out of the step namespace atomically
-    else:  # object store: removing the manifest decommits the step
-        storage.remove(layout.join(path, layout.MANIFEST))
-        trash = path
-    storage.remove(trash)
+        return trash
+    storage.remove(layout.join(path, layout.MANIFEST))  # object store: the manifest goes first
+    return path
+
+
+def decommit_and_remove(storage: Storage, path: str, step: int) -> None:
+    """Delete step directory ``path``: decommit it first, then remove its files."""
+    storage.remove(decommit(storage, path, step))
 
 
 def sweep_tmp(storage: Storage, root: str) -> list[str]:
@@ -100,6 +104,7 @@ class Pruner:
         self.policies = list(policies)
         self.snapshot_slots = snapshot_slots
         self._failed: set[tuple[Kind, int]] = set()
+        self._trash: set[str] = set()  # decommitted, but removing the files failed: retried
 
     def plan(self, in_flight: Collection[int] = ()) -> list[tuple[Kind, int]]:
         """What :meth:`apply` would delete now."""
@@ -117,12 +122,23 @@ class Pruner:
 
     def apply(self, in_flight: Collection[int] = ()) -> list[tuple[Kind, int]]:
         """Delete what the policies drop, plus snapshots beyond the slots; never raises."""
+        for trash in sorted(self._trash):
+            self._remove(trash)
         try:
             victims = self.plan(in_flight)
         except Exception as e:  # e.g. the protected set could not be read: delete nothing
             log.warning("asyncckpt: retention skipped: %s", e)
             return []
         return [v for v in victims if self.delete(*v)]
+
+    def _remove(self, trash: str) -> None:
+        try:
+            self.storage.remove(trash)
+        except Exception as e:
+            log.warning("asyncckpt: could not remove %s (%s); will retry after the next commit", trash, e)
+            self._trash.add(trash)
+        else:
+            self._trash.discard(trash)
 
     def delete(self, kind: Kind, step: int) -> bool:
         """Delete one committed step; False (and retried later) if that failed."""
@@ -132,12 +148,13 @@ class Pruner:
                 self.catalog.discard(kind, step)
                 self._failed.discard((kind, step))
                 return True
-            decommit_and_remove(self.storage, path, step)
+            trash = decommit(self.storage, path, step)
         except Exception as e:  # retention must never fail training
             log.warning("asyncckpt: could not delete %s (%s); will retry after the next commit", path, e)
             self._failed.add((kind, step))
             return False
-        self.catalog.discard(kind, step)
+        self.catalog.discard(kind, step)  # no longer a checkpoint, whatever happens next
         self._failed.discard((kind, step))
+        self._remove(trash)
         log.info("asyncckpt: retention deleted %s", path)
         return True

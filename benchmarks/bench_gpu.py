@@ -22,9 +22,12 @@ The state of each ``--sizes`` entry (GiB) is 384 bf16 tensors: 128 of x bytes an
 x/2, so power-of-two sizes keep every pinned allocation a power of two (torch's pinned
 allocator rounds each block up to one).  Host and device memory is released between methods.
 
-``--budget-s`` bounds the run: sizes go smallest first, and a method whose time, projected
-from the previous size, would overrun the budget is skipped and recorded as such
-(``torch.save`` is skipped above ``--torch-save-max-gib`` too).
+``--budget-s`` bounds the run.  The train section runs first, then two passes over the sizes
+(smallest first): floor, asyncckpt thread (with resume), raw read, dcp; then asyncckpt process
+and torch.save.  An item whose time, projected from the smaller sizes, would overrun the budget
+is skipped and recorded as such; so is ``torch.save`` above ``--torch-save-max-gib`` (4).
+States above ``--big-gib`` (4) get ``--big-reps`` (1) timed saves instead of ``--reps`` (3).
+Each item's results go to the JSON as soon as it finishes, so a killed run keeps what it had.
 
 Usage: ``python -m benchmarks.bench_gpu --sizes 1,4,16 --json out.json``
        ``python -m benchmarks.bench_gpu --device cpu --sizes 0.01,0.02``  (a smoke run)
@@ -170,11 +173,10 @@ def fstype(path: str) -> str | None:
         with open("/proc/mounts") as f:
             for line in f:
                 parts = line.split()
-                if (
-                    len(parts) > 2
-                    and os.path.realpath(path).startswith(parts[1])
-                    and len(parts[1]) > len(best)
-                ):
+                if len(parts) < 3 or len(parts[1]) <= len(best):
+                    continue
+                real, mount = os.path.realpath(path), parts[1].rstrip("/")
+                if real == parts[1] or real.startswith(mount + "/"):
                     best, kind = parts[1], parts[2]
     except OSError:
         pass

@@ -58,8 +58,12 @@ cat "$OUT/env.txt"
 stage install
 (
     rc=0
-    # the package itself (no deps, no network): checks that it builds and installs
-    "$PY" -m pip install -q --no-deps --no-build-isolation --no-index --target "$SITE" --upgrade . || rc=1
+    # the package itself (no deps, no network): checks that it builds and installs; built from
+    # a copy, so setuptools leaves no build/ in the checkout (a stale one leaks into later wheels)
+    src=$(mktemp -d)
+    cp -r pyproject.toml README.md asyncckpt "$src"/
+    "$PY" -m pip install -q --no-deps --no-build-isolation --no-index --target "$SITE" --upgrade "$src" || rc=1
+    rm -rf "$src"
     # test tools carried as wheels in .whl/: install each one only if it is not importable
     if [ -d .whl ]; then
         for whl in .whl/*.whl; do

@@ -87,12 +87,6 @@ UNCHECKED = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="options.py: ScheduleOptions.on_signal and SelectOptions.include/exclude iterate a "
-    "non-iterable (TypeError, no field named); SelectOptions.model_only and WriterOptions.restart "
-    "are never checked",
-)
 @pytest.mark.parametrize("cls, kwargs, field", UNCHECKED, ids=[f"{c.__name__}-{k}" for c, k, _ in UNCHECKED])
 def test_option_groups_reject_these_bad_values_too(cls, kwargs, field):
     with pytest.raises(ConfigError, match=field):
@@ -251,12 +245,6 @@ def test_from_legacy_snapshot_keywords():
     assert out.get("snapshots") is None  # no snapshot_every: no snapshots
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="options.py from_legacy: mode='final_only' and save_policy= both set schedule.policy; "
-    "the later keyword wins, so `mode='final_only', save_policy=5` saves every 5 steps, while "
-    "0.1 always let final_only win (Never())",
-)
 def test_from_legacy_final_only_wins_over_save_policy_in_any_order():
     for legacy in ({"save_policy": 5, "mode": "final_only"}, {"mode": "final_only", "save_policy": 5}):
         with pytest.warns(DeprecationWarning):

@@ -108,25 +108,20 @@ def test_a_failed_remove_leaves_no_half_deleted_committed_step(five):
     root, cat = five
     storage = TrashRemoveFails()
     pruner = Pruner(storage, root, cat, [KeepLast(4)], snapshot_slots=None)
-    assert pruner.apply() == []  # the delete of step 10 failed, and apply did not raise
-    # ... but the step was decommitted first: not listed as committed, not under its name
+    # removing the files failed, and apply did not raise; the step was decommitted first, so
+    # it is deleted as a checkpoint: not listed as committed, not under its name
+    assert pruner.apply() == [(Kind.PERMANENT, 10)]
+    assert cat.steps() == {20, 30, 40, 50}
     assert _committed(LocalStorage(), root) == [20, 30, 40, 50]
     assert not os.path.exists(layout.step_dir(root, Kind.PERMANENT, 10))
     (trash,) = _tmp_names(root)
-    assert layout.is_tmp_name(trash)  # where the next start's sweep finds it
-    # a later prune retries and forgets it
+    assert layout.is_tmp_name(trash)  # where a later prune (or the next start's sweep) finds it
+    # a later prune retries the removal of the files
     storage.broken = False
-    assert pruner.apply() == [(Kind.PERMANENT, 10)]
-    assert cat.steps() == {20, 30, 40, 50}
     assert pruner.apply() == []
+    assert _tmp_names(root) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pruner.py Pruner.delete: the retry of a failed delete sees the step dir gone (it was "
-    "already renamed into .tmp/) and only forgets the step; the decommitted copy stays in "
-    ".tmp/ until the next checkpointer start sweeps it",
-)
 def test_the_retry_of_a_failed_delete_frees_the_space(five):
     root, cat = five
     storage = TrashRemoveFails()
