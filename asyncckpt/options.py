@@ -133,7 +133,10 @@ class SelectOptions:
     dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
-        for name, pats in (("include", () if self.include is None else self.include), ("exclude", self.exclude)):
+        for name, pats in (
+            ("include", () if self.include is None else self.include),
+            ("exclude", self.exclude),
+        ):
             if not isinstance(pats, (list, tuple)) or not all(isinstance(p, str) for p in pats):
                 raise ConfigError(
                     f"SelectOptions: {name} must be a list of fqn patterns such as ['model'], got {pats!r}"
