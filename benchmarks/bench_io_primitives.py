@@ -7,9 +7,10 @@ Research, not a benchmark of asyncckpt itself; nothing here imports it.  One run
    ``google-crc32c``, ``xxhash`` (xxh3_64, xxh3_128, xxh64) and ``blake3`` (max_threads=1), each
    one-shot and streamed in 64 MiB updates (which must agree).  GIL: (a) two threads on the two
    halves against one thread on the whole (``speedup`` ~2 when the GIL is released and two cores
-   are free); (b) a Python counting loop on the main thread while another thread hashes the whole
-   buffer: its rate against the same loop alone (``main_thread_progress`` ~0 when the GIL is
-   held for the whole call).  Zero copy: which buffer views each function accepts (numpy view of
+   are free); (b) a Python loop on the main thread while another thread hashes the whole
+   buffer repeatedly: its rate inside the calls (3 ms from either end trimmed off) against the
+   loop alone (``main_thread_progress`` ~0 when the GIL is held; ``crc32c`` with
+   ``gil_release_mode=0`` is the negative control).  (a) needs two idle cores; (b) does not.  Zero copy: which buffer views each function accepts (numpy view of
    the tensor, ``memoryview`` of a ``ctypes`` array at ``data_ptr()`` as asyncckpt builds them,
    a float32 view, the tensor itself), whether the digest matches that of ``bytes``, and the
    peak-RSS growth during a call on the whole buffer (``/proc/self/clear_refs`` 5 resets
@@ -201,6 +202,16 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _license(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        m = metadata.metadata(dist)
+    except metadata.PackageNotFoundError:
+        return None
+    return m.get("License-Expression") or m.get("License")
+
+
 # ----------------------------------------------------------------------------- 1. checksums
 
 
@@ -248,6 +259,16 @@ def _hashers() -> list[Hasher]:
                 c_stream,
                 lambda b: crc32c.crc32c(b, value=12345),
                 f"hardware_based={crc32c.hardware_based}; CRC-32C (Castagnoli); gil_release_mode=-1 default",
+            )
+        )
+        hs.append(
+            Hasher(
+                "crc32c (gil_release_mode=0)",
+                "crc32c",
+                lambda b: crc32c.crc32c(b, gil_release_mode=0),
+                c_stream,
+                lambda b: crc32c.crc32c(b, value=12345, gil_release_mode=0),
+                "negative control for the GIL probes: holds the GIL for the whole call",
             )
         )
     except ImportError:
@@ -357,42 +378,64 @@ def _two_threads(fn: Callable[[Any], Any], a: Any, b: Any) -> float:
     return time.perf_counter() - t0
 
 
-def _loop_rate(stop: threading.Event) -> float:
+def _stamp_until(stop: threading.Event, stamps: list[float], every: int) -> float:
+    """A Python loop that notes the time every ``every`` iterations; returns iterations/s."""
     n = 0
     t0 = time.perf_counter()
     while not stop.is_set():
         n += 1
+        if n % every == 0:
+            stamps.append(time.perf_counter())
     return n / (time.perf_counter() - t0)
 
 
-def _main_thread_progress(fn: Callable[[Any], Any], buf: Any, seconds: float = 0.3) -> dict[str, float]:
-    """Rate of a Python loop on this thread while another calls ``fn(buf)`` repeatedly for
-    ``seconds``, against the loop alone: ~0 when ``fn`` holds the GIL throughout."""
-    stop = threading.Event()
-    timer = threading.Timer(seconds, stop.set)
-    timer.start()
-    alone = _loop_rate(stop)
-    stop = threading.Event()
-    calls = 0
+def _main_thread_progress(
+    fn: Callable[[Any], Any], buf: Any, seconds: float = 0.3, trim: float = 0.003, every: int = 256
+) -> dict[str, float]:
+    """How fast a Python loop on this thread runs *during* ``fn(buf)`` calls made by another
+    thread (for ``seconds``), relative to the loop alone: ~0 when ``fn`` holds the GIL, ~1 when
+    it releases it and a core is free.
 
-    def work() -> None:
-        nonlocal calls
-        end = time.perf_counter() + seconds
-        try:
-            while time.perf_counter() < end:
-                fn(buf)
-                calls += 1
-        finally:
-            stop.set()
+    The loop notes the time every ``every`` iterations; only notes inside a call, ``trim``
+    seconds away from its start and end, count, so that the GIL hand-overs around each call
+    (which let the loop run for a moment even when ``fn`` holds the GIL) do not."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)  # short hand-overs: less of the loop runs around each call
+    try:
+        stop, stamps = threading.Event(), []
+        threading.Timer(seconds, stop.set).start()
+        alone = _stamp_until(stop, stamps, every)
+        stop, stamps = threading.Event(), []
+        spans: list[tuple[float, float]] = []
 
-    th = threading.Thread(target=work)
-    th.start()
-    during = _loop_rate(stop)
-    th.join()
+        def work() -> None:
+            end = time.perf_counter() + seconds
+            try:
+                while time.perf_counter() < end:
+                    t0 = time.perf_counter()
+                    fn(buf)
+                    spans.append((t0, time.perf_counter()))
+            finally:
+                stop.set()
+
+        th = threading.Thread(target=work)
+        th.start()
+        _stamp_until(stop, stamps, every)
+        th.join()
+    finally:
+        sys.setswitchinterval(old)
+    windows = [(a + trim, b - trim) for a, b in spans if b - a > 3 * trim]
+    inside = int(
+        sum(np.count_nonzero((np.asarray(stamps) > a) & (np.asarray(stamps) < b)) for a, b in windows)
+    )
+    window_s = sum(b - a for a, b in windows)
+    during = inside * every / window_s if window_s else float("nan")
     return {
         "loop_rate_alone": alone,
-        "loop_rate_during": during,
-        "calls": calls,
+        "loop_rate_during_calls": during,
+        "calls": len(spans),
+        "calls_long_enough": len(windows),
+        "median_call_s": _median([b - a for a, b in spans]) if spans else float("nan"),
         "main_thread_progress": during / alone,
     }
 
@@ -446,8 +489,15 @@ def bench_checksums(nbytes: int, reps: int, pypi: bool) -> dict[str, Any]:
         },
         "functions": {},
     }
-    for h in _hashers():
-        r: dict[str, Any] = {"note": h.note, "dist": h.dist, "version": _version(h.dist) if h.dist else None}
+    hashers = _hashers()
+    args: dict[str, Any] = {}
+    for h in hashers:
+        r: dict[str, Any] = {
+            "note": h.note,
+            "dist": h.dist,
+            "version": _version(h.dist) if h.dist else None,
+            "license": _license(h.dist) if h.dist else "PSF (standard library; zlib licence)",
+        }
         print(f"[checksum] {h.name}", flush=True)
         # acceptance of buffer kinds (1 MiB slice) against the digest of bytes
         ref = h.oneshot(small_bytes)
@@ -458,33 +508,37 @@ def bench_checksums(nbytes: int, reps: int, pypi: bool) -> dict[str, Any]:
             except Exception as e:
                 acc[vname] = {"accepted": False, "error": f"{type(e).__name__}: {e}"}
         r["accepts"] = acc
-        arg: Any
         if acc["ctypes_c_char_memoryview_cast_B"]["accepted"]:
-            arg, r["timed_on"] = mv, "memoryview.cast('B') of a ctypes array (no copy)"
+            args[h.name], r["timed_on"] = mv, "memoryview.cast('B') of a ctypes array (no copy)"
         elif acc["numpy_uint8_array"]["accepted"]:
-            arg, r["timed_on"] = (
-                np.frombuffer(mv, dtype=np.uint8),
-                "numpy uint8 array over the memory (no copy)",
-            )
+            args[h.name] = np.frombuffer(mv, dtype=np.uint8)
+            r["timed_on"] = "numpy uint8 array over the memory (no copy)"
         else:
-            arg, r["timed_on"] = bytes(mv), "bytes (a copy: no view accepted)"
-        h.oneshot(arg[: 16 * MiB])  # warm up
-        single = [_time(functools.partial(h.oneshot, arg)) for _ in range(reps)]
-        r["single_thread_s"] = single
-        r["single_thread_gbps"] = nbytes / _median(single) / 1e9
-        r["single_thread_best_gbps"] = nbytes / min(single) / 1e9
-        two = [_two_threads(h.oneshot, arg[: nbytes // 2], arg[nbytes // 2 :]) for _ in range(reps)]
-        r["two_threads_halves_s"] = two
-        r["two_threads_gbps"] = nbytes / _median(two) / 1e9
-        r["two_thread_speedup"] = _median(single) / _median(two)
-        r["gil_oneshot"] = _main_thread_progress(h.oneshot, arg)
-        r["gil_stream_update"] = _main_thread_progress(h.update_full, arg)
+            args[h.name], r["timed_on"] = bytes(mv), "bytes (a copy: no view accepted)"
+        arg = args[h.name]
         r["stream_64mib_matches_oneshot"] = h.stream(
             [arg[i : i + IO_CHUNK] for i in range(0, nbytes, IO_CHUNK)]
         ) == h.oneshot(arg)
         r["memory_during_call"] = _peak_rss_growth(h.oneshot, arg)
+        r["single_thread_s"], r["two_threads_halves_s"] = [], []
         res["functions"][h.name] = r
-        arg = None
+    # timings interleaved across functions, so that load from other processes hits all alike
+    for rep in range(reps):
+        print(f"[checksum] timing rep {rep}", flush=True)
+        for h in hashers:
+            arg, r = args[h.name], res["functions"][h.name]
+            r["single_thread_s"].append(_time(functools.partial(h.oneshot, arg)))
+            r["two_threads_halves_s"].append(_two_threads(h.oneshot, arg[: nbytes // 2], arg[nbytes // 2 :]))
+    for h in hashers:
+        arg, r = args[h.name], res["functions"][h.name]
+        single, two = r["single_thread_s"], r["two_threads_halves_s"]
+        r["single_thread_gbps"] = nbytes / _median(single) / 1e9
+        r["single_thread_best_gbps"] = nbytes / min(single) / 1e9
+        r["two_threads_gbps"] = nbytes / _median(two) / 1e9
+        r["two_thread_speedup"] = _median(single) / _median(two)
+        r["gil_oneshot"] = _main_thread_progress(h.oneshot, arg)
+        r["gil_stream_update"] = _main_thread_progress(h.update_full, arg)
+    del arg, args
     if pypi:
         res["pypi"] = {d: _pypi_release(d) for d in ("crc32c", "google-crc32c", "xxhash", "blake3")}
     del src, mv
