@@ -195,13 +195,16 @@ class AsyncCheckpointer:
         """Per-save timings: stall, staging, queue wait, write and commit seconds, throughput."""
         return self._pipeline.stats()
 
-    def close(self, final_step: int | None = None) -> None:
+    def close(self, final_step: int | None = None, timeout: float | None = None) -> None:
         """Save the final step if needed, drain every save in flight, stop; idempotent.
 
         Args:
             final_step: save this step now unless it is already committed.  Without it, the
                 last step passed to ``save_async`` is saved if the schedule skipped it
                 (``ScheduleOptions(final=True)``, the default).
+            timeout: give up after this many seconds: the steps not yet committed are
+                logged, the writer is abandoned (a writer process is killed) and
+                ``CheckpointTimeoutError`` is raised.  None waits for ever.
 
         Raises the error of a failed save the caller has not seen, so a failed final save
         makes the program fail instead of exiting quietly without a checkpoint.
@@ -211,7 +214,7 @@ class AsyncCheckpointer:
         self._closed = True
         if isinstance(self._pipeline, Pipeline):
             atexit.unregister(self._atexit)
-        self._pipeline.close(final_step, self._save_final)
+        self._pipeline.close(final_step, self._save_final, timeout)
 
     def __enter__(self) -> AsyncCheckpointer:
         return self
@@ -263,7 +266,7 @@ def _exit_hook(pipeline: Pipeline, pid: int) -> Callable[[], None]:
         if os.getpid() != pid:
             return
         try:
-            pipeline.close(None, pipeline.opts.schedule.final)
+            pipeline.close(None, pipeline.opts.schedule.final, pipeline.opts.writer.exit_timeout)
         except Exception as e:  # at exit there is no caller left to raise to
             log.error("asyncckpt: a save failed while draining at interpreter exit: %s", e)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, UnsupportedStateError
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "asyncckpt"
@@ -42,7 +42,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     try:
         return DTYPE_NAMES[dtype]
     except KeyError:
-        raise TypeError(f"tensors of dtype {dtype} cannot be checkpointed") from None
+        raise UnsupportedStateError(f"tensors of dtype {dtype} cannot be checkpointed") from None
 
 
 @dataclass

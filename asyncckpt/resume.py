@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import warnings
@@ -14,7 +15,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from . import distributed
-from .catalog import normalize_root, read_manifest, step_dirs
+from .catalog import normalize_root, read_abandoned, read_manifest, step_dirs
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError, StorageError
 from .layout import Kind
 from .manifest import Manifest
@@ -153,6 +154,37 @@ def _agree(candidates: list[Any]) -> list[Any]:
     return [seen[k] for k in sorted(common, reverse=True)]  # type: ignore[index]
 
 
+def _candidates(sources: Sequence[tuple[Storage, str]], step: int | None) -> list[Any]:
+    """(key, storage, path), newest first; then permanent before snapshot; then the earlier
+    (local) source.  A rollback's abandoned steps are candidates only when asked for by step."""
+    out = []
+    for rank, (storage, r) in enumerate(sources):
+        abandoned = read_abandoned(storage, r) if step is None else set()
+        for s, kind, path in step_dirs(storage, r):
+            if s not in abandoned:
+                out.append(((s, kind is Kind.PERMANENT, -rank), storage, path))
+    out.sort(key=lambda c: c[0], reverse=True)
+    return out
+
+
+def _load_one(storage: Storage, path: str, s: int, state: dict[str, Any], **opts: Any) -> None:
+    manifest = read_manifest(storage, path)
+    if manifest.step != s:
+        raise CorruptCheckpointError(f"{path}: manifest says step {manifest.step}, directory says {s}")
+    if manifest.piece is not None:
+        raise CorruptCheckpointError(
+            f"{path} holds only rank {manifest.piece}'s shards of a {manifest.world_size}-rank "
+            "checkpoint (one rank's part of a local-first tier); resume from the remote root"
+        )
+    problems = file_problems(storage, path, manifest, shard_files(manifest))
+    if problems:
+        raise CorruptCheckpointError("; ".join(problems))
+    load_checkpoint(storage, path, manifest, state, **opts)
+
+
+RELIST_ROUNDS = 3  # a reader whose candidates were all deleted under it lists again
+
+
 def resume_in(
     sources: Sequence[tuple[Storage, str]],
     state: dict[str, Any],
@@ -162,53 +194,53 @@ def resume_in(
     exclude: Sequence[str] = (),
     allow_missing: bool = False,
 ) -> int | None:
-    """``resume`` over ``(storage, root)`` sources; for the same step, earlier sources win."""
-    candidates = []
-    for rank, (storage, r) in enumerate(sources):
-        for s, kind, path in step_dirs(storage, r):
-            # newest first; then permanent before snapshot; then the earlier (local) source
-            candidates.append(((s, kind is Kind.PERMANENT, -rank), storage, path))
-    candidates.sort(key=lambda c: c[0], reverse=True)
-    if distributed.current() is not None:
-        candidates = _agree(candidates)
-    if step is not None:
-        candidates = [c for c in candidates if c[0][0] == step]
-        if not candidates:
-            where = ", ".join(r for _, r in sources)
-            raise CheckpointNotFoundError(f"no checkpoint for step {step} under {where}")
-    if not candidates:
-        return None
-    failures = []
+    """``resume`` over ``(storage, root)`` sources; for the same step, earlier sources win.
+
+    A candidate deleted while it is read (retention in a running trainer) is skipped without
+    a warning, and the listing is taken again if nothing else was loadable.  A storage error
+    that is not a definite "not found" ends the resume as a ``StorageError``: it says
+    nothing about the checkpoints, so nothing falls back.
+    """
     r = " and ".join(root for _, root in sources)
-    for (s, _, _), storage, path in candidates:
-        try:
-            manifest = read_manifest(storage, path)
-            if manifest.step != s:
-                raise CorruptCheckpointError(
-                    f"{path}: manifest says step {manifest.step}, directory says {s}"
+    failures: list[str] = []
+    for _ in range(RELIST_ROUNDS):
+        candidates = _candidates(sources, step)
+        if distributed.current() is not None:
+            candidates = _agree(candidates)
+        if step is not None:
+            candidates = [c for c in candidates if c[0][0] == step]
+            if not candidates:
+                where = ", ".join(root for _, root in sources)
+                raise CheckpointNotFoundError(f"no checkpoint for step {step} under {where}")
+        if not candidates:
+            return None
+        vanished = False
+        for (s, _, _), storage, path in candidates:
+            try:
+                _load_one(
+                    storage, path, s, state, strict=strict, exclude=exclude, allow_missing=allow_missing
                 )
-            if manifest.piece is not None:
-                raise CorruptCheckpointError(
-                    f"{path} holds only rank {manifest.piece}'s shards of a {manifest.world_size}-rank "
-                    "checkpoint (one rank's part of a local-first tier); resume from the remote root"
+            except (CorruptCheckpointError, StorageError) as e:
+                if storage.stat(path) is None:  # deleted under us (retention): not damage
+                    log.info("asyncckpt: step %d was deleted while resuming; trying the next one", s)
+                    vanished = True
+                    continue
+                if isinstance(e, StorageError) and e.errno != errno.ENOENT:
+                    raise StorageError(
+                        e.errno, f"resuming from {r} failed: {e.strerror or e}; the checkpoints may be "
+                        "fine: retry when the storage answers", path,
+                    ) from e  # fmt: skip
+                warnings.warn(
+                    f"asyncckpt: skipping step {s}: {str(e).rstrip('.')}. Falling back to an older checkpoint.",
+                    RuntimeWarning,
+                    stacklevel=2,
                 )
-            problems = file_problems(storage, path, manifest, shard_files(manifest))
-            if problems:
-                raise CorruptCheckpointError("; ".join(problems))
-            load_checkpoint(
-                storage, path, manifest, state,
-                strict=strict, exclude=exclude, allow_missing=allow_missing,
-            )  # fmt: skip
-        except (CorruptCheckpointError, StorageError) as e:
-            warnings.warn(
-                f"asyncckpt: skipping step {s}: {str(e).rstrip('.')}. Falling back to an older checkpoint.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            failures.append(f"step {s}: {e}")
-            continue
-        log.info("resumed from step %d (%s)", s, path)
-        return s
+                failures.append(f"step {s}: {e}")
+                continue
+            log.info("resumed from step %d (%s)", s, path)
+            return s
+        if not vanished:
+            break
     raise CorruptCheckpointError(
         f"no loadable checkpoint under {r}; every candidate failed: "
         + " | ".join(failures)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError, StateMismatchError
+from .errors import ConfigError, StateMismatchError, UnsupportedStateError
 from .manifest import DTYPE_NAMES, Manifest, dtype_name
 
 __all__ = ["FlatState", "flatten_state", "is_stateful", "LoadTargets", "plan_load"]
@@ -51,10 +51,15 @@ class _Flattener:
         self.paths: dict[str, tuple[str | int, ...]] = {}
 
     def add_tensor(self, t: torch.Tensor, fqn: str, path: tuple[str | int, ...]) -> None:
+        if t.is_nested:
+            raise UnsupportedStateError(
+                f"{_where(path)}: nested tensors are not supported; save its components "
+                "(t.unbind()) as a list, or pad it to a dense tensor"
+            )
         if t.layout != torch.strided:
-            raise TypeError(f"{_where(path)}: {t.layout} tensors are not supported; densify it")
+            raise UnsupportedStateError(f"{_where(path)}: {t.layout} tensors are not supported; densify it")
         if t.device.type == "meta":
-            raise TypeError(f"{_where(path)}: meta tensors hold no data and cannot be saved")
+            raise UnsupportedStateError(f"{_where(path)}: meta tensors hold no data and cannot be saved")
         if t.dtype not in DTYPE_NAMES:
             dtype_name(t.dtype)  # raises TypeError
         if fqn in self.tensors:
@@ -75,7 +80,7 @@ class _Flattener:
             items = []
             for k, v in value.items():
                 if isinstance(k, bool) or not isinstance(k, (str, int)):
-                    raise TypeError(
+                    raise UnsupportedStateError(
                         f"{_where(path)}: key {k!r} is a {type(k).__name__}; "
                         "only str and int keys can be saved"
                     )
@@ -94,7 +99,7 @@ class _Flattener:
         if is_stateful(value):
             sd = value.state_dict()
             return {"t": "object", "cls": type(value).__name__, "sd": self.encode(sd, fqn, path)}
-        raise TypeError(
+        raise UnsupportedStateError(
             f"{_where(path)}: cannot checkpoint a {type(value).__name__}. Supported are "
             "objects with state_dict()/load_state_dict(), tensors, dicts, lists, tuples and "
             "JSON values (int, float, str, bool, None)"

@@ -22,6 +22,21 @@ _TRANSIENT_WORDS = (
 )  # fmt: skip
 
 
+def _mtime(info: dict[str, Any]) -> float | None:
+    """Modification time from an fsspec ``info()`` dict, whatever the backend calls it."""
+    for key in ("LastModified", "mtime", "last_modified", "updated", "created"):
+        v = info.get(key)
+        if v is None:
+            continue
+        if hasattr(v, "timestamp"):
+            return float(v.timestamp())
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
 class FsspecStorage:
     """Any fsspec filesystem (``s3://``, ``gs://``, ``memory://`` ...) behind the same interface.
 
@@ -206,7 +221,7 @@ class FsspecStorage:
             except Exception as e:
                 raise self._wrap("stat", path, e) from e
             kind = {"file": "file", "directory": "dir", "link": "link"}.get(info.get("type"), "other")
-            return Stat(kind, int(info.get("size") or 0) if kind == "file" else 0)
+            return Stat(kind, int(info.get("size") or 0) if kind == "file" else 0, _mtime(info))
 
         return retrying(self, attempt)
 
