@@ -111,11 +111,10 @@ class AsyncCheckpointer:
         local = os.fspath(opts.storage.local_dir if opts.storage.local_dir is not None else root)
         if not is_url(local) and os.path.exists(local) and not os.path.isdir(local):
             raise ConfigError(f"checkpoint root {local} exists and is not a directory")
-        self.state = state
         self.options = opts
         self._save_final = opts.schedule.final
         self._closed = False
-        selector = Selector(state, opts.select)
+        self._selector = selector = Selector(state, opts.select)
         selector.flat()  # fail on bad state now, not at step 40,000
         enabled = enabled and legacy_enabled
         self._pipeline: Pipeline | NullPipeline = (
@@ -129,6 +128,15 @@ class AsyncCheckpointer:
             atexit.register(self._atexit)
 
     # ------------------------------------------------------------------ public API
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """The live state that saves snapshot and ``resume`` loads into; may be replaced."""
+        return self._selector.state
+
+    @state.setter
+    def state(self, state: dict[str, Any]) -> None:
+        self._selector.state = state
 
     def save_async(
         self, step: int, metrics: dict[str, Any] | None = None, force: bool = False

@@ -88,8 +88,17 @@ class Selector:
     """The live state, flattened and cut to the selection."""
 
     def __init__(self, state: dict[str, Any], select: SelectOptions) -> None:
+        self.select = select
         self.state = state
-        self.include, self.exclude = select.patterns(state)
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return self._state
+
+    @state.setter
+    def state(self, state: dict[str, Any]) -> None:
+        self.include, self.exclude = self.select.patterns(state)
+        self._state = state
 
     def flat(self) -> FlatState:
         flat = flatten_state(self.state)
