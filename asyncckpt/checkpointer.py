@@ -191,13 +191,19 @@ class AsyncCheckpointer:
         strict: bool = True,
         exclude: Sequence[str] = (),
         allow_missing: bool = False,
+        cast: bool = False,
+        require: Sequence[str] = (),
     ) -> int | None:
-        """Load the newest valid checkpoint into the state in place; its step, or None.
+        """Load the newest valid checkpoint into the state, all or nothing; its step, or None.
 
-        Saves in flight are committed first.  See :func:`asyncckpt.resume` for the options.
+        Saves in flight are committed first; the bytes are read into the staging buffers
+        (no second copy of the state), verified, then applied.  See :func:`asyncckpt.resume`
+        for the options.
         """
         self._check_open()
-        return self._pipeline.resume(step, strict, exclude, allow_missing)
+        return self._pipeline.resume(
+            step, strict=strict, exclude=exclude, allow_missing=allow_missing, cast=cast, require=require
+        )
 
     def stats(self) -> list[dict[str, Any]]:
         """Per-save timings: stall, staging, queue wait, write and commit seconds, throughput."""

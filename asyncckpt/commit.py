@@ -130,6 +130,7 @@ def write_and_commit(
             torch_version=torch.__version__,
             remote=req.remote,
             piece=req.rank if piece else None,
+            selection=req.selection,
         )
         write_manifest(storage, tmp, manifest, req.paths, should_abort)
         if not isinstance(storage, AtomicRename) and req.rank == 0:

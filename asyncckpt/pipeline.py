@@ -24,17 +24,17 @@ import concurrent.futures
 import logging
 import os
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from . import distributed, layout
-from .catalog import Catalog, abandon, list_in, normalize_root, protect
+from .catalog import Catalog, abandon, list_in, normalize_root, protect, read_abandoned, unabandon
 from .errors import CheckpointTimeoutError, ConfigError, RootBusyError, StepExistsError
 from .executor import ProcessExecutor, ThreadExecutor
 from .finalize import Finalizer, RemoteTier
 from .handle import ErrorInbox, SaveHandle
 from .layout import Kind
+from .manifest import DTYPE_NAMES
 from .options import (
     ScheduleOptions,
     SelectOptions,
@@ -100,6 +100,17 @@ class Selector:
         self.include, self.exclude = self.select.patterns(state)
         self._state = state
 
+    def recorded(self) -> dict[str, Any] | None:
+        """The selection as the manifest records it; None when everything is saved as is."""
+        dtype = self.select.dtype
+        if self.include is None and not self.exclude and dtype is None:
+            return None
+        return {
+            "include": self.include,
+            "exclude": self.exclude,
+            "cast": DTYPE_NAMES[dtype] if dtype is not None else None,
+        }
+
     def flat(self) -> FlatState:
         flat = flatten_state(self.state)
         if self.include is not None or self.exclude:
@@ -151,6 +162,9 @@ class Pipeline:
             [Heartbeat(self.storage, self.root, self.run_id, opts.writer.lease_ttl)] if owns_root else []
         )
         existing = list_in(self.storage, self.root)
+        if owns_root:  # a crash between deleting an abandoned step and its mark leaves the mark
+            for step in read_abandoned(self.storage, self.root) - {i.step for i in existing}:
+                unabandon(self.storage, self.root, step)
         self.catalog = Catalog(existing)
         slots = opts.snapshots.slots if opts.snapshots is not None else 2
         # one rank deletes from a shared root: rank 0; each rank prunes its own local pieces
@@ -269,6 +283,7 @@ class Pipeline:
             commit_timeout=self.opts.writer.commit_timeout,
             remote=layout.join(self.remote_root, layout.step_dirname(step)) if tiered else None,  # type: ignore[arg-type]
             library_version=self.version,
+            selection=self.selector.recorded(),
         )
         released, committed = self.executor.submit(request, lease)
         released.add_done_callback(lambda _: lease.release())
@@ -312,21 +327,19 @@ class Pipeline:
         self.inbox.raise_pending()
 
     # -- everything else
-    def resume(
-        self, step: int | None, strict: bool, exclude: Sequence[str], allow_missing: bool
-    ) -> int | None:
+    def resume(self, step: int | None, **opts: Any) -> int | None:
         self.wait(None)
         sources = [] if self.pieces else [(self.storage, self.root)]  # a piece is not loadable
         if self.remote is not None and self.remote_root is not None:
             sources.append((self.remote, self.remote_root))
-        loaded = resume_in(
-            sources,
-            self.selector.state,
-            step=step,
-            strict=strict,
-            exclude=exclude,
-            allow_missing=allow_missing,
-        )
+        pool = self.stager.pool
+        slot = pool.acquire() if pool is not None else None  # read into the staging buffers
+        try:
+            views = pool.views(slot) if pool is not None and slot is not None else None
+            loaded = resume_in(sources, self.selector.state, step=step, pool=views, **opts)
+        finally:
+            if pool is not None and slot is not None:
+                pool.release(slot)
         if loaded is not None:
             self._abandon_after(loaded)
             # loading often creates state (an optimizer's moments): size the buffers now
@@ -418,7 +431,7 @@ class NullPipeline:
     def wait_uploaded(self, timeout: float | None) -> None:
         pass
 
-    def resume(self, step: int | None, strict: bool, exclude: Sequence[str], allow_missing: bool) -> None:
+    def resume(self, step: int | None, **opts: Any) -> None:
         return None
 
     def protect(self, step: int) -> None:

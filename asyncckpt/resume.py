@@ -6,22 +6,22 @@ import errno
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from . import distributed
+from . import distributed, load_plan
 from .catalog import normalize_root, read_abandoned, read_manifest, step_dirs
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError, StorageError
 from .layout import Kind
 from .manifest import Manifest
 from .progress import Progress
 from .reader import ManifestReader, file_problems, shard_files
-from .state import plan_load
 from .storage import Storage, storage_for
 
 __all__ = ["resume", "resume_in", "load_checkpoint"]
@@ -40,11 +40,21 @@ def load_checkpoint(
     strict: bool = True,
     exclude: Sequence[str] = (),
     allow_missing: bool = False,
+    cast: bool = False,
+    require: Sequence[str] = (),
+    pool: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Load one validated checkpoint into ``state`` in place (through DCP, so it reshards)."""
+    """Load one validated checkpoint into ``state``, all or nothing (through DCP: it reshards).
+
+    Phase 1 checks the structure and reads every byte into shadow buffers (``pool`` where it
+    fits), verifying every checksum; only then phase 2 copies them into the live state.
+    """
     problem: str | None = None
     try:
-        targets = plan_load(state, manifest, strict=strict, exclude=exclude, allow_missing=allow_missing)
+        lp = load_plan.plan(
+            state, manifest, strict=strict, exclude=exclude, allow_missing=allow_missing,
+            cast=cast, require=require, pool=pool,
+        )  # fmt: skip
     except StateMismatchError as e:
         problem = str(e)
     if distributed.current() is not None:
@@ -56,13 +66,13 @@ def load_checkpoint(
         raise StateMismatchError(problem)
     total = sum(c.length for t in manifest.tensors.values() for c in t.chunks)
     bar = Progress(total, f"loading step {manifest.step}") if total >= PROGRESS_MIN_BYTES else None
-    if targets.dest:
+    if lp.shadows:
         no_dist = not (dist.is_available() and dist.is_initialized())
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
                 dcp.load(
-                    targets.dest,
+                    lp.shadows,
                     storage_reader=ManifestReader(storage, step_dir, manifest, bar.update if bar else None),
                     planner=DefaultLoadPlanner(allow_partial_load=True),
                     no_dist=no_dist,
@@ -72,7 +82,13 @@ def load_checkpoint(
         finally:
             if bar is not None:
                 bar.close()
-    targets.finalize()
+    try:
+        lp.apply()
+    except Exception as e:  # every byte was verified: this is the state refusing it
+        raise StateMismatchError(
+            f"step {manifest.step} was read and verified, but applying it failed: {type(e).__name__}: "
+            f"{e}; the live state may be partly updated"
+        ) from e
 
 
 def _unwrap(e: CheckpointException) -> BaseException:
@@ -93,25 +109,35 @@ def resume(
     strict: bool = True,
     exclude: Sequence[str] = (),
     allow_missing: bool = False,
+    cast: bool = False,
+    require: Sequence[str] = (),
     storage_options: dict[str, Any] | None = None,
     local_dir: str | os.PathLike[str] | None = None,
 ) -> int | None:
-    """Load the newest valid committed checkpoint under ``root`` into ``state`` in place.
+    """Load the newest valid committed checkpoint under ``root`` into ``state``, all or nothing.
 
     Permanent checkpoints and rolling snapshots (``root/snapshots``) are both candidates;
     for the same step the permanent copy wins.
 
-    A checkpoint that is incomplete or corrupt (missing manifest, wrong file size, checksum
-    mismatch) is skipped with a warning naming the bad file, and the previous one is tried.
+    Every byte is read and checksummed, and every key, shape, dtype and optimizer structure
+    checked, before the live state is touched: a resume that fails leaves it exactly as it
+    was.  A checkpoint that is incomplete or corrupt (missing manifest, wrong file size,
+    checksum mismatch) is skipped with a warning naming the bad file, and the previous one is
+    tried.  A selective checkpoint restores what it holds and leaves the rest untouched.
     Nothing is unpickled.
 
     Args:
         root: the checkpoint root.
         state: the live state (same shape of dict as given to the checkpointer).
         step: load exactly this step instead of the newest; CheckpointNotFoundError if absent.
-        strict: fail with StateMismatchError when keys, shapes or dtypes differ.
+        strict: fail with StateMismatchError when keys differ (within what the checkpoint's
+            selection covers); False tolerates missing and extra keys.  Shapes must always
+            match, and dtypes unless ``cast``.
         exclude: fqn patterns to leave untouched (e.g. ``["optim"]``).
         allow_missing: tolerate live keys that the checkpoint lacks.
+        cast: convert between float dtypes; a lossy cast is warned about, never silent.
+        require: fqn patterns that must be restored (e.g. ``["optim"]``): a checkpoint whose
+            selection left them out (weights only) is refused before anything is touched.
         storage_options: fsspec options for a URL root (credentials, endpoint).
         local_dir: the local tier of a local-first setup; its copy of a step is preferred,
             and a missing or empty local dir falls back to ``root``.
@@ -127,7 +153,10 @@ def resume(
     sources = [(storage_for(r, storage_options), r)]
     if local_dir is not None:
         sources.insert(0, (storage_for(normalize_root(local_dir)), normalize_root(local_dir)))
-    return resume_in(sources, state, step=step, strict=strict, exclude=exclude, allow_missing=allow_missing)
+    return resume_in(
+        sources, state, step=step, strict=strict, exclude=exclude, allow_missing=allow_missing,
+        cast=cast, require=require,
+    )  # fmt: skip
 
 
 def _loadable(storage: Storage, path: str) -> bool:
@@ -190,11 +219,10 @@ def resume_in(
     state: dict[str, Any],
     *,
     step: int | None = None,
-    strict: bool = True,
-    exclude: Sequence[str] = (),
-    allow_missing: bool = False,
+    **opts: Any,
 ) -> int | None:
     """``resume`` over ``(storage, root)`` sources; for the same step, earlier sources win.
+    ``opts`` are :func:`load_checkpoint`'s (strict, exclude, allow_missing, cast, require, pool).
 
     A candidate deleted while it is read (retention in a running trainer) is skipped without
     a warning, and the listing is taken again if nothing else was loadable.  A storage error
@@ -217,9 +245,7 @@ def resume_in(
         vanished = False
         for (s, _, _), storage, path in candidates:
             try:
-                _load_one(
-                    storage, path, s, state, strict=strict, exclude=exclude, allow_missing=allow_missing
-                )
+                _load_one(storage, path, s, state, **opts)
             except (CorruptCheckpointError, StorageError) as e:
                 if storage.stat(path) is None:  # deleted under us (retention): not damage
                     log.info("asyncckpt: step %d was deleted while resuming; trying the next one", s)
@@ -244,6 +270,6 @@ def resume_in(
     raise CorruptCheckpointError(
         f"no loadable checkpoint under {r}; every candidate failed: "
         + " | ".join(failures)
-        + ". Note that a failed attempt may have partly overwritten the live state. Move the "
-        "damaged step directories away to start fresh."
+        + ". The live state was not changed. `asyncckpt verify` shows each step's problems; move "
+        "the damaged step directories away to start fresh."
     )
