@@ -148,8 +148,7 @@ def leftovers_in(storage: Storage, root: str) -> list[str]:
     out = []
     for kind in KINDS:
         tmp = layout.tmp_dir(layout.kind_root(root, kind))
-        # owner records (ownership.py) are not leftovers: they say who is writing
-        out += [layout.join(tmp, n) for n in storage.listdir(tmp) if not n.startswith("owner.")]
+        out += [layout.join(tmp, n) for n in storage.listdir(tmp)]
     committed = {c.path for c in list_in(storage, root)}
     out += [p for _, _, p in step_dirs(storage, root) if p not in committed]
     return out

@@ -6,7 +6,9 @@ ROOT/
     .uploaded              local-first tier: the remote copy is committed
   snapshots/step_.../      the rolling snapshot tier, same layout
   .tmp/step_....<id>/      a save in progress (or a step being deleted)
-  .protected.json          steps retention never deletes
+  .owners/<token>.json     the live writer's owner record, renewed while it runs
+  .protected.d/step_...    steps retention never deletes (and the 0.1 list .protected.json)
+  .abandoned.d/step_...    steps of a line of training that a rollback abandoned
   rank00003/               several ranks with a local-first tier: one rank's pieces
 ```
 """
@@ -26,6 +28,7 @@ DCP_METADATA = ".metadata"
 UPLOADED_MARKER = ".uploaded"
 PROTECTED_FILE = ".protected.json"
 DONE_SUFFIX = ".done.json"
+OWNERS_DIR = ".owners"  # one record per live writer (ownership.py)
 WRITER_MARKER = ".writer"  # object stores: the owner token of a step prefix being written
 ABANDONED_DIR = ".abandoned.d"  # one marker per step of a line that a rollback abandoned
 PROTECTED_DIR = ".protected.d"  # one marker per protected step

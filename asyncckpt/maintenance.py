@@ -243,10 +243,13 @@ def verify_root(
             yield VerifyResult(target, [] if gone else [" ".join(str(e).split())], vanished=gone)
             continue
         bar = progress(m, target) if progress is not None else None
-        with bar if bar is not None else contextlib.nullcontext():
-            problems = verify_files(storage, i.path, m, progress=bar.update if bar is not None else None)
+        try:
+            with bar if bar is not None else contextlib.nullcontext():
+                problems = verify_files(storage, i.path, m, progress=bar.update if bar is not None else None)
+        except (CorruptCheckpointError, OSError) as e:  # e.g. a file vanished mid-read
+            problems = [" ".join(str(e).split())]
         if problems and storage.stat(layout.join(i.path, layout.MANIFEST)) is None:
-            yield VerifyResult(target, [], vanished=True)
+            yield VerifyResult(target, [], vanished=True)  # pruned while we read it
         else:
             yield VerifyResult(target, problems)
 

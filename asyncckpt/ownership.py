@@ -2,7 +2,7 @@
 
 A root has one writer (a training run, possibly many ranks), any number of readers and
 maintenance (``gc``).  The writer proves it is alive with an *owner record*,
-``ROOT/.tmp/owner.<token>.json``, rewritten every ``ttl / 4`` seconds by a heartbeat thread
+``ROOT/.owners/<token>.json``, rewritten every ``ttl / 4`` seconds by a heartbeat thread
 and removed when it closes.  Everything it has in flight carries its token: temp directories
 are named ``step_N.<token><random>``, and an object-store step prefix being written holds
 ``.writer`` with the token.  A sweep or ``gc`` removes in-flight work only when its owner is
@@ -29,7 +29,7 @@ __all__ = ["DEFAULT_TTL", "OwnerRecord", "Heartbeat", "new_token", "owners", "ow
 log = logging.getLogger("asyncckpt")
 
 DEFAULT_TTL = 60.0
-_PREFIX, _SUFFIX = "owner.", ".json"
+_SUFFIX = ".json"
 TOKEN_LEN = 16
 
 
@@ -78,11 +78,7 @@ class OwnerRecord:
 
 
 def record_path(root: str, token: str) -> str:
-    return layout.join(layout.tmp_dir(root), f"{_PREFIX}{token}{_SUFFIX}")
-
-
-def is_record_name(name: str) -> bool:
-    return name.startswith(_PREFIX) and name.endswith(_SUFFIX)
+    return layout.join(root, layout.OWNERS_DIR, f"{token}{_SUFFIX}")
 
 
 def _put(storage: Storage, path: str, data: bytes) -> None:
@@ -99,11 +95,13 @@ def _write(storage: Storage, root: str, rec: OwnerRecord) -> None:
     """Replace the record atomically: a reader never finds it missing or half written."""
     path = record_path(root, rec.token)
     data = json.dumps(asdict(rec)).encode()
-    storage.makedirs(layout.tmp_dir(root))
+    storage.makedirs(layout.join(root, layout.OWNERS_DIR))
     if isinstance(storage, AtomicRename):  # a local path: write aside, then rename over
         part = f"{path}.{os.getpid()}.part"
-        storage.remove(part)
-        _put(storage, part, data)
+        with open(part, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(part, path)
     else:  # an object PUT replaces atomically
         _put(storage, path, data)
@@ -112,11 +110,11 @@ def _write(storage: Storage, root: str, rec: OwnerRecord) -> None:
 def owners(storage: Storage, root: str) -> dict[str, tuple[OwnerRecord, float | None]]:
     """Owner records under ``root`` by token, with their storage modification time."""
     out = {}
-    tmp = layout.tmp_dir(root)
-    for name in storage.listdir(tmp):
-        if not is_record_name(name):
+    directory = layout.join(root, layout.OWNERS_DIR)
+    for name in storage.listdir(directory):
+        if not name.endswith(_SUFFIX):
             continue
-        path = layout.join(tmp, name)
+        path = layout.join(directory, name)
         try:
             st = storage.stat(path)
             if st is None or st.kind != "file" or st.size > 4096:
@@ -147,9 +145,18 @@ def owner_of(name: str) -> str | None:
 class Heartbeat:
     """Keeps this writer's owner record fresh until :meth:`stop` removes it."""
 
-    def __init__(self, storage: Storage, root: str, token: str, ttl: float = DEFAULT_TTL) -> None:
+    def __init__(
+        self, storage: Storage, root: str, token: str, ttl: float = DEFAULT_TTL, required: bool = True
+    ) -> None:
+        """``required=False``: a first write that fails is logged and retried by the thread
+        (a remote tier that is down now must not stop training; its uploads will say so)."""
         self.storage, self.root, self.token, self.ttl = storage, root, token, ttl
-        _write(storage, root, OwnerRecord.mine(token, ttl))
+        try:
+            _write(storage, root, OwnerRecord.mine(token, ttl))
+        except Exception as e:
+            if required:
+                raise
+            log.warning("asyncckpt: could not write the owner record under %s: %s", root, e)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="asyncckpt-heartbeat", daemon=True)
         self._thread.start()

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import distributed, layout
-from .catalog import Catalog, abandon, list_in, normalize_root, protect
+from .catalog import Catalog, abandon, list_in, normalize_root, protect, read_abandoned, unabandon
 from .errors import CheckpointTimeoutError, ConfigError, RootBusyError, StepExistsError
 from .executor import ProcessExecutor, ThreadExecutor
 from .finalize import Finalizer, RemoteTier
@@ -151,6 +151,9 @@ class Pipeline:
             [Heartbeat(self.storage, self.root, self.run_id, opts.writer.lease_ttl)] if owns_root else []
         )
         existing = list_in(self.storage, self.root)
+        if owns_root:  # a crash between deleting an abandoned step and its mark leaves the mark
+            for step in read_abandoned(self.storage, self.root) - {i.step for i in existing}:
+                unabandon(self.storage, self.root, step)
         self.catalog = Catalog(existing)
         slots = opts.snapshots.slots if opts.snapshots is not None else 2
         # one rank deletes from a shared root: rank 0; each rank prunes its own local pieces

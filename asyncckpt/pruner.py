@@ -48,10 +48,10 @@ def decommit_and_remove(storage: Storage, path: str, step: int) -> None:
 def sweep_tmp(storage: Storage, root: str, ttl: float = DEFAULT_TTL, now: float | None = None) -> list[str]:
     """Remove in-progress directories under ``root`` whose owner is provably gone; returns them.
 
-    POSIX only: a temp directory is removed when its owner's record says the owner died (or
-    was not renewed for its ttl), or, with no record at all, when it has not changed for
-    ``ttl`` seconds.  A live writer's work is never touched.  Dead owners' records go too.
-    On object stores a prefix without a manifest is left to ``gc``.
+    POSIX only: a temp directory is removed unless its owner's record says the owner lives
+    (a writer writes its record before anything else, so no record means no owner).  A
+    live writer's work is never touched.  Dead owners' records go too.  On object stores a
+    prefix without a manifest is left to ``gc``.
     """
     if not isinstance(storage, AtomicRename):
         return []
@@ -65,10 +65,6 @@ def sweep_tmp(storage: Storage, root: str, ttl: float = DEFAULT_TTL, now: float 
             if not layout.is_tmp_name(name) or owner_of(name) in alive:
                 continue
             path = layout.join(tmp, name)
-            if owner_of(name) not in known:  # no record: judge by age alone
-                st = storage.stat(path)
-                if st is None or st.mtime is None or now - st.mtime < ttl:
-                    continue
             storage.remove(path)
             removed.append(path)
     for token in set(known) - alive:
