@@ -230,7 +230,7 @@ gate = threading.Event()  # never set: the save hangs at its commit rename
 ck = AsyncCheckpointer(root, {"w": torch.ones(1024)}, storage=StorageOptions(backend=FaultyStorage(block=gate)))
 ck.save_async(1)
 deadline = time.monotonic() + 30
-while not any(n.startswith("step_") for n in os.listdir(os.path.join(root, ".tmp"))):
+while not (os.path.isdir(os.path.join(root, ".tmp")) and any(n.startswith("step_") for n in os.listdir(os.path.join(root, ".tmp")))):
     assert time.monotonic() < deadline
     time.sleep(0.005)
 touch(os.path.join(tmp, "ready"))

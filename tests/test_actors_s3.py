@@ -346,16 +346,9 @@ def test_gc_with_min_age_zero_never_removes_a_live_trainers_work(s3) -> None:
     assert in_use >= 0  # informative: how often gc met the trainer's in-flight prefix
 
 
-_ABORTS_LIVE_UPLOADS = (
-    "gc aborts every open multipart upload older than min_age, whoever owns it: "
-    "pruner.abort_uploads (called by maintenance.gc) never consults the owner records or the "
-    "prefix's .writer marker, so `gc --min-age 0` next to a live trainer aborts the upload of "
-    "the shard it is writing and that save fails"
-)
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason=_ABORTS_LIVE_UPLOADS)
 def test_gc_with_min_age_zero_leaves_a_live_trainers_multipart_upload_alone(s3) -> None:
     """A live trainer is uploading step 2's shard in parts (its ``.writer`` marker holds its
     token, as the writer puts it there first); gc with ``min_age=0`` must not abort it.
@@ -385,20 +378,9 @@ def test_gc_with_min_age_zero_leaves_a_live_trainers_multipart_upload_alone(s3) 
 
 
 _PROOF_OF_LIFE = {
-    # (predicate, bug or None)
     "writer-marker": (matching(path=r"step_000000002/\.writer"), None),
-    "writer-marker-get": (
-        matching("GET", r"step_000000002/\.writer"),
-        "maintenance._owner answers None when reading the .writer marker "
-        "fails (`except OSError: return None`), so a throttled read makes a live writer's "
-        "in-flight prefix ownerless, and gc with min_age=0 removes it",
-    ),
-    "owner-record": (
-        matching(path=r"\.tmp/owner\.|\.owners/"),  # either layout of the owner records
-        "ownership.owners skips a record whose stat/read fails with any "
-        "OSError, StorageError included, as 'no proof of life'; gc then takes the live writer "
-        "for dead and, with min_age=0, removes its in-flight prefix",
-    ),
+    "writer-marker-get": (matching("GET", r"step_000000002/\.writer"), None),
+    "owner-record": (matching(path=r"\.owners/"), None),
 }
 
 
@@ -406,8 +388,8 @@ _PROOF_OF_LIFE = {
 @pytest.mark.parametrize(
     "what",
     [
-        pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=bug)) if bug else k
-        for k, (_, bug) in _PROOF_OF_LIFE.items()
+        k
+        for k in _PROOF_OF_LIFE
     ],
 )
 def test_gc_under_throttling_never_takes_a_live_writers_prefix_for_abandoned(proxied, what: str) -> None:
@@ -438,16 +420,9 @@ def test_gc_under_throttling_never_takes_a_live_writers_prefix_for_abandoned(pro
 # --------------------------------------------------------------------------- how errors are classified
 
 
-_SLOWDOWN_NOT_TRANSIENT = (
-    "FsspecStorage.is_transient (storage/fsspec.py) misses S3 SlowDown as s3fs "
-    "reports it: s3fs translates the ClientError to OSError(EBUSY, 'Please reduce your "
-    "request rate.'), whose text has none of _TRANSIENT_WORDS and EBUSY is not "
-    "considered, so a throttled listing or read is never retried by the library"
-)
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason=_SLOWDOWN_NOT_TRANSIENT)
 @pytest.mark.parametrize("op", ["listdir", "read_bytes"])
 def test_a_brief_slowdown_is_retried_by_the_library(proxied, op: str) -> None:
     root, opts, fs, px = proxied
@@ -463,12 +438,6 @@ def test_a_brief_slowdown_is_retried_by_the_library(proxied, op: str) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="upload._copy_file writes to the raw s3fs file, so a connection "
-    "failure while uploading a part reaches SaveHandle.uploaded as a raw botocore "
-    "EndpointConnectionError, not an asyncckpt error (StorageError/WriteError), unredacted",
-)
 def test_a_local_first_upload_failure_is_a_library_error(proxied, tmp_path) -> None:
     root, opts, _, px = proxied
     opts = {**opts, "default_block_size": PART}
