@@ -102,24 +102,36 @@ def _upload_state(storage: Storage, path: str, m: Manifest) -> str | None:
 def list_in(storage: Storage, root: str) -> list[CheckpointInfo]:
     """Committed checkpoints under ``root`` (through an existing backend), oldest first.
 
-    A step deleted while it is being listed is left out; a storage error is raised, never
-    taken for "not committed".
+    A step deleted while it is being listed is left out, and the listing is taken again, so
+    a step committed meanwhile (retention deletes after a commit) is seen.  A storage error is
+    raised, never taken for "not committed".
     """
+    for _ in range(3):
+        out, vanished = _list_once(storage, root)
+        if not vanished:
+            break
+    return out
+
+
+def _list_once(storage: Storage, root: str) -> tuple[list[CheckpointInfo], bool]:
     abandoned = read_abandoned(storage, root)
-    out = []
+    out, vanished = [], False
     for step, kind, path in step_dirs(storage, root):
         try:
             m = read_manifest(storage, path)
         except CorruptCheckpointError:
+            if storage.stat(path) is None:
+                vanished = True
             continue
         except StorageError as e:
             if e.errno == errno.ENOENT:  # deleted while we looked
+                vanished = True
                 continue
             raise
         if m.step == step:
             info = CheckpointInfo.from_manifest(m, path, kind, _upload_state(storage, path, m))
             out.append(dataclasses.replace(info, abandoned=True) if step in abandoned else info)
-    return out
+    return out, vanished
 
 
 def list_checkpoints(

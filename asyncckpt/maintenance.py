@@ -277,11 +277,9 @@ def _owner(storage: Storage, path: str) -> str | None:
     if layout.parent(parent)[1] == layout.TMP_DIR:
         return owner_of(name)
     marker = layout.join(path, layout.WRITER_MARKER)
-    try:
-        if is_file(storage, marker):
-            return storage.read_bytes(marker, 64).decode(errors="replace").strip() or None
-    except OSError:
-        return None
+    # a storage error propagates: an unanswered question is never "nobody owns it"
+    if is_file(storage, marker):
+        return storage.read_bytes(marker, 64).decode(errors="replace").strip() or None
     return None
 
 
@@ -354,7 +352,10 @@ def gc(
     if not dry_run:
         for token in set(known) - set(alive):
             storage.remove(record_path(root, token))  # a dead writer's owner record
-    report.aborted, report.young_uploads, errs = abort_uploads(storage, root, min_age, now, dry_run)
+    def in_use(url: str) -> bool:  # an upload into a step a live writer is writing
+        return _owner(storage, layout.parent(url)[0]) in alive
+
+    report.aborted, report.young_uploads, errs = abort_uploads(storage, root, min_age, now, dry_run, in_use)
     report.errors += errs
 
     infos = list_in(storage, root)

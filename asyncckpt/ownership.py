@@ -108,21 +108,25 @@ def _write(storage: Storage, root: str, rec: OwnerRecord) -> None:
 
 
 def owners(storage: Storage, root: str) -> dict[str, tuple[OwnerRecord, float | None]]:
-    """Owner records under ``root`` by token, with their storage modification time."""
+    """Owner records under ``root`` by token, with their storage modification time.
+
+    Raises StorageError when the store does not answer: a sweep must then delete nothing.
+    """
     out = {}
     directory = layout.join(root, layout.OWNERS_DIR)
     for name in storage.listdir(directory):
         if not name.endswith(_SUFFIX):
             continue
         path = layout.join(directory, name)
+        st = storage.stat(path)  # a storage error propagates: unanswered is not "dead"
+        if st is None or st.kind != "file" or st.size > 4096:
+            continue
+        data = storage.read_bytes(path)
         try:
-            st = storage.stat(path)
-            if st is None or st.kind != "file" or st.size > 4096:
-                continue
-            doc = json.loads(storage.read_bytes(path))
+            doc = json.loads(data)
             rec = OwnerRecord(**{k: doc[k] for k in OwnerRecord.__dataclass_fields__})
-        except (ValueError, TypeError, KeyError, OSError):
-            continue  # half-written or foreign: no proof of life
+        except (ValueError, TypeError, KeyError):
+            continue  # garbage (records are replaced atomically): no proof of life
         out[rec.token] = (rec, st.mtime)
     return out
 

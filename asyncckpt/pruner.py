@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from . import layout
 from .catalog import Catalog, read_protected, unabandon
@@ -73,18 +73,24 @@ def sweep_tmp(storage: Storage, root: str, ttl: float = DEFAULT_TTL, now: float 
 
 
 def abort_uploads(
-    storage: Storage, root: str, min_age: float, now: float, dry_run: bool = False
+    storage: Storage,
+    root: str,
+    min_age: float,
+    now: float,
+    dry_run: bool = False,
+    in_use: Callable[[str], bool] = lambda url: False,
 ) -> tuple[list[tuple[str, str, float | None]], list[tuple[str, float | None]], list[str]]:
-    """Abort the multipart uploads that killed writers left under ``root``.
+    """Abort the multipart uploads that killed writers left under ``root``; never one that
+    ``in_use`` says belongs to a live writer.
 
-    Returns (aborted: url, id, age), (skipped as too recent: url, age), errors.
+    Returns (aborted: url, id, age), (skipped: url, age), errors.
     """
     if not isinstance(storage, MultipartUploads):
         return [], [], []
     aborted, young, errors = [], [], []
     for url, upload_id, started in storage.pending_uploads(root):
         age = None if started is None else max(0.0, now - started)
-        if min_age > 0 and (age is None or age < min_age):
+        if min_age > 0 and (age is None or age < min_age) or in_use(url):
             young.append((url, age))
             continue
         if not dry_run:

@@ -20,7 +20,7 @@ from typing import Any
 
 from . import layout
 from .commit import await_manifest, gather_done_records, write_done_record, write_manifest
-from .errors import StepExistsError
+from .errors import AsyncCheckpointError, StepExistsError, StorageError
 from .handle import CheckpointInfo
 from .layout import Kind
 from .manifest import Manifest
@@ -46,7 +46,12 @@ def _copy_file(src: Storage, src_path: str, dst: Storage, dst_path: str) -> int:
                     out.write(chunk)
                     n += len(chunk)
             dst.finish_write(out, dst_path, n)
-        except BaseException:  # a failed completion too: no multipart upload is left open
+        except Exception as e:  # a failed completion too: no multipart upload is left open
+            dst.abort_write(out)
+            if isinstance(e, OSError | AsyncCheckpointError):
+                raise
+            raise StorageError(0, f"upload failed: {type(e).__name__}: {e}", dst_path) from e
+        except BaseException:
             dst.abort_write(out)
             raise
         return n

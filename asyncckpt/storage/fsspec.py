@@ -18,7 +18,7 @@ _TRANSIENT_WORDS = (
     "connectionreset", "internalerror", "internal error", "serviceunavailable",
     "service unavailable", "bad gateway", "requesttimeout", "broken pipe", "server disconnected",
     "could not connect", "connection was closed", "endpointconnectionerror", "connectionclosederror",
-    "clientconnectorerror", "clientoserror", "connection refused",
+    "clientconnectorerror", "clientoserror", "connection refused", "reduce your request rate",
 )  # fmt: skip
 
 
@@ -106,6 +106,8 @@ class FsspecStorage:
         if isinstance(exc, (PermissionError, FileNotFoundError, FileExistsError)):
             return False
         if isinstance(exc, (TimeoutError, ConnectionError)):
+            return True
+        if isinstance(exc, OSError) and exc.errno in (errno.EBUSY, errno.EAGAIN):  # s3fs: SlowDown
             return True
         text = f"{type(exc).__name__} {exc}".lower()
         return any(w in text for w in _TRANSIENT_WORDS)
