@@ -106,11 +106,14 @@ def list_in(storage: Storage, root: str) -> list[CheckpointInfo]:
     a step committed meanwhile (retention deletes after a commit) is seen.  A storage error is
     raised, never taken for "not committed".
     """
-    for _ in range(3):
+    for _ in range(LIST_ROUNDS):
         out, vanished = _list_once(storage, root)
         if not vanished:
             break
     return out
+
+
+LIST_ROUNDS = 10  # a root that a fast trainer prunes at every commit can lose one listing
 
 
 def _list_once(storage: Storage, root: str) -> tuple[list[CheckpointInfo], bool]:

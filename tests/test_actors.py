@@ -138,7 +138,7 @@ def _tmp_dirs(root: str) -> list[str]:
 
 
 def _owner_records(root: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(root, ".tmp", "owner.*.json")))
+    return sorted(glob.glob(os.path.join(root, ".owners", "*.json")))
 
 
 def _steps(root: str) -> list[int]:
