@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,8 +80,9 @@ class LoadPlan:
                 final[fqn] = target
         if stream is not None:
             stream.synchronize()
+        applier = _Applier(final, self.skip)
         for key in self.keys:
-            _apply(self.state, key, self.manifest.state[key], final)
+            applier.apply(self.state, key, self.manifest.state[key], key)
 
 
 class _Planner:
@@ -253,11 +254,14 @@ def plan(
     for key in manifest.state:
         if key not in state and not p.excluded(key):
             p.unexpected.append(key)
+    saved = {q for k, node in manifest.state.items() for q in saved_paths(node, k)}
     for pattern in require:
         wanted = [k for k in state if matches(k, [pattern])] + [
             f for f in _live_fqns(state, p) if matches(f, [pattern])
         ]
         lacking = sorted({f for f in wanted if not p.covered(f) or f.split(".")[0] not in manifest.state})
+        if not any(matches(q, [pattern]) for q in saved):
+            lacking = lacking or [pattern]  # nothing in the checkpoint answers to it
         if lacking:
             problems.append(
                 f"required {pattern!r} is not in this checkpoint (it was saved with include="
@@ -296,59 +300,91 @@ def plan(
         )
     pool_ids = {id(v) for v in pool.values()}
     owned = {f for f, t in p.shadows.items() if id(t) in pool_ids}
-    return LoadPlan(manifest, state, p.shadows, p.live, keys, owned)
+    return LoadPlan(manifest, state, p.shadows, p.live, keys, owned, p.excluded)
 
 
 def _live_fqns(state: dict[str, Any], p: _Planner) -> list[str]:
     return [f for f in flatten_state(state).tensors if not p.excluded(f)]
 
 
-def _decode(node: dict[str, Any], dest: Mapping[str, torch.Tensor], live: Any) -> Any:
-    """Rebuild a Python value from the tree with loaded tensors (live ones if excluded)."""
+class _Applier:
+    """Phase 2's tree walk: rebuild values from the tree with the loaded tensors, merged over
+    the live values, so whatever the checkpoint does not hold (a selective save's left-out
+    entries, ``exclude=``) keeps its live value."""
+
+    def __init__(self, dest: Mapping[str, torch.Tensor], excluded: Callable[[str], bool]) -> None:
+        self.dest, self.excluded = dest, excluded
+
+    def decode(self, node: dict[str, Any], live: Any, path: str) -> Any:
+        kind = node["t"]
+        if self.excluded(path):
+            return live
+        if kind == "value":
+            return node["v"]
+        if kind == "tensor":
+            return self.dest.get(node["fqn"], live)
+        if kind == "ndarray":
+            return self.dest[node["fqn"]].numpy() if node["fqn"] in self.dest else live
+        if kind == "object":
+            return self.decode(node["sd"], live, path)
+        if kind == "dict":
+            out = dict(live) if isinstance(live, Mapping) else {}
+            for k, c in node["items"]:
+                sub = f"{path}.{k}"
+                if self.excluded(sub) and k not in out:
+                    continue  # excluded, and nothing live to keep
+                out[k] = self.decode(c, out.get(k), sub)
+            return out
+        live_l = live if isinstance(live, (list, tuple)) else []
+        items = [
+            self.decode(c, live_l[i] if i < len(live_l) else None, f"{path}.{i}")
+            for i, c in enumerate(node["items"])
+        ]
+        return tuple(items) if kind == "tuple" else items
+
+    def apply(self, container: Any, key: Any, node: dict[str, Any], path: str) -> None:
+        """Apply ``node`` to ``container[key]`` in place where possible."""
+        if self.excluded(path):
+            return
+        live = container[key]
+        kind = node["t"]
+        if is_stateful(live) and kind == "object":
+            live_sd = live.state_dict()
+            sd = self.decode(node["sd"], live_sd, path)
+            if isinstance(live, torch.nn.Module):  # extras were refused or waived by the plan
+                sd = {k: v for k, v in sd.items() if k in live_sd}
+            live.load_state_dict(sd)
+        elif isinstance(live, torch.Tensor) and kind == "tensor":
+            src = self.dest.get(node["fqn"])
+            if src is not None and src is not live:
+                with torch.no_grad():
+                    live.copy_(src)
+        elif isinstance(live, dict) and kind == "dict":
+            for k, c in node["items"]:
+                sub = f"{path}.{k}"
+                if k in live:
+                    self.apply(live, k, c, sub)
+                elif not self.excluded(sub):
+                    live[k] = self.decode(c, None, sub)
+        elif isinstance(live, list) and kind == "list" and len(live) == len(node["items"]):
+            for i, c in enumerate(node["items"]):
+                self.apply(live, i, c, f"{path}.{i}")
+        else:
+            container[key] = self.decode(node, live, path)
+
+
+def saved_paths(node: dict[str, Any], path: str) -> Iterator[str]:
+    """Every dotted path the tree holds: tensors, plain values and containers."""
+    yield path
     kind = node["t"]
-    if kind == "value":
-        return node["v"]
-    if kind == "tensor":
-        return dest[node["fqn"]] if node["fqn"] in dest else live
-    if kind == "ndarray":
-        return dest[node["fqn"]].numpy() if node["fqn"] in dest else live
     if kind == "object":
-        return _decode(node["sd"], dest, live)
-    if kind == "dict":
-        live_d = live if isinstance(live, Mapping) else {}
-        out = {}
+        yield from saved_paths(node["sd"], path)
+    elif kind == "dict":
         for k, c in node["items"]:
-            v = _decode(c, dest, live_d.get(k))
-            if v is not None or c["t"] == "value":
-                out[k] = v
-        return out
-    live_l = live if isinstance(live, (list, tuple)) else []
-    items = [_decode(c, dest, live_l[i] if i < len(live_l) else None) for i, c in enumerate(node["items"])]
-    return tuple(items) if kind == "tuple" else items
-
-
-def _apply(container: Any, key: Any, node: dict[str, Any], dest: Mapping[str, torch.Tensor]) -> None:
-    """Apply ``node`` to ``container[key]`` in place where possible."""
-    live = container[key]
-    kind = node["t"]
-    if is_stateful(live) and kind == "object":
-        live.load_state_dict(_decode(node["sd"], dest, live.state_dict()))
-    elif isinstance(live, torch.Tensor) and kind == "tensor":
-        src = dest.get(node["fqn"])
-        if src is not None and src is not live:
-            with torch.no_grad():
-                live.copy_(src)
-    elif isinstance(live, dict) and kind == "dict":
-        for k, c in node["items"]:
-            if k in live:
-                _apply(live, k, c, dest)
-            else:
-                live[k] = _decode(c, dest, None)
-    elif isinstance(live, list) and kind == "list" and len(live) == len(node["items"]):
+            yield from saved_paths(c, f"{path}.{k}")
+    elif kind in ("list", "tuple"):
         for i, c in enumerate(node["items"]):
-            _apply(live, i, c, dest)
-    else:
-        container[key] = _decode(node, dest, live)
+            yield from saved_paths(c, f"{path}.{i}")
 
 
 def _materialize_sharded_optimizers(
