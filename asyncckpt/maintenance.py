@@ -8,6 +8,7 @@ pruner, exactly as a training run does.
 from __future__ import annotations
 
 import contextlib
+import errno
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,13 @@ from .catalog import (
     read_manifest,
     read_protected,
 )
-from .errors import AsyncCheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError
+from .errors import (
+    AsyncCheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    StorageError,
+)
 from .handle import CheckpointInfo
 from .layout import Kind
 from .manifest import Manifest
@@ -278,9 +285,14 @@ def _owner(storage: Storage, path: str) -> str | None:
         return owner_of(name)
     marker = layout.join(path, layout.WRITER_MARKER)
     # a storage error propagates: an unanswered question is never "nobody owns it"
-    if is_file(storage, marker):
+    if not is_file(storage, marker):
+        return None
+    try:
         return storage.read_bytes(marker, 64).decode(errors="replace").strip() or None
-    return None
+    except StorageError as e:
+        if e.errno == errno.ENOENT:  # the step committed meanwhile: its writer dropped the marker
+            return None
+        raise
 
 
 @dataclass
@@ -352,6 +364,7 @@ def gc(
     if not dry_run:
         for token in set(known) - set(alive):
             storage.remove(record_path(root, token))  # a dead writer's owner record
+
     def in_use(url: str) -> bool:  # an upload into a step a live writer is writing
         return _owner(storage, layout.parent(url)[0]) in alive
 

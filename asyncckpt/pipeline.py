@@ -159,7 +159,12 @@ class Pipeline:
         # one rank deletes from a shared root: rank 0; each rank prunes its own local pieces
         prunes = coordinator or self.pieces
         self.pruner = Pruner(
-            self.storage, self.root, self.catalog, opts.keep if prunes else [], slots if prunes else None
+            self.storage,
+            self.root,
+            self.catalog,
+            opts.keep if prunes else [],
+            slots if prunes else None,
+            self.run_id,
         )
         self.telemetry = Telemetry(opts.on_stats)
         self.inbox = ErrorInbox()

@@ -144,7 +144,12 @@ class Uploader:
     """
 
     def __init__(
-        self, local: Storage, remote: Storage, remote_root: str, commit_timeout: float = 600.0, owner: str = ""
+        self,
+        local: Storage,
+        remote: Storage,
+        remote_root: str,
+        commit_timeout: float = 600.0,
+        owner: str = "",
     ) -> None:
         self.local, self.remote, self.remote_root, self.owner = local, remote, remote_root, owner
         self.commit_timeout = commit_timeout
