@@ -111,7 +111,7 @@ def trainer(cfg: dict[str, Any]) -> int:
     except BaseException as e:
         event(f"ERROR construct {type(e).__name__} {_one_line(e)}")
         return 1
-    event("READY")
+    event(f"READY {ck._pipeline.run_id}")  # its owner token, which names its saves in flight
     step = 0
     with open(cfg["confirmed"], "a") as confirmed:
         try:
@@ -197,8 +197,10 @@ def _op_ls(cfg: dict[str, Any]) -> dict[str, Any]:
 def _op_gc(cfg: dict[str, Any]) -> dict[str, Any]:
     rc, text = _cli(cfg, "gc", cfg["root"], "--min-age", "0")
     lines = text.splitlines()
+    removed = [line.split()[2] for line in lines if line.startswith("removed uncommitted")]
     out = {
-        "removed": sum(line.startswith("removed uncommitted") for line in lines),
+        "removed": len(removed),
+        "removed_paths": removed[:50],
         "in_use": sum("a save in progress by a live writer" in line for line in lines),
         "aborted": sum(line.startswith("aborted abandoned multipart") for line in lines),
     }
@@ -296,7 +298,7 @@ class ActorsResult:
     ops: Counter = field(default_factory=Counter)
     counts: Counter = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
-    loaded: set[int] = field(default_factory=set)  # steps any reader resumed
+    loaded: set[int] = field(default_factory=set)  # steps any reader of the current run resumed
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def fail(self, what: str) -> None:
@@ -325,6 +327,7 @@ class ActorsRun:
     op_timeout: float = 90.0
     run_no: int = 0
     _todo: set[str] = field(default_factory=set)
+    _token: str = "?"
 
     def _cfg(self, **extra: Any) -> dict[str, Any]:
         return {"root": self.root, "numel": self.numel, "s3": self.s3, "executor": self.executor, **extra}
@@ -347,12 +350,16 @@ class ActorsRun:
                 todo = [n for n in names if n in self._todo]
                 op = rng.choice(todo) if todo else rng.choices(names, weights)[0]
                 self._todo.discard(op)
-            child = self.zygote.start(self._cfg(mode="actor", op=op, log=os.path.join(self.work, f"actor{index}.log")))
+            child = self.zygote.start(
+                self._cfg(mode="actor", op=op, log=os.path.join(self.work, f"actor{index}.log"))
+            )
             try:
                 text = child.wait_event("RESULT ", self.op_timeout)
             except TimeoutError:
                 res.counts["hangs"] += 1
-                res.fail(f"run {self.run_no}: {op} (pid {child.pid}) did not finish within {self.op_timeout}s")
+                res.fail(
+                    f"run {self.run_no}: {op} (pid {child.pid}) did not finish within {self.op_timeout}s"
+                )
                 child.kill()
                 child.wait(30)
                 continue
@@ -367,6 +374,11 @@ class ActorsRun:
             elif code != 0:
                 res.fail(f"run {self.run_no}: {op} (pid {child.pid}) exited {code} after its verdict")
             out = json.loads(text[len("RESULT ") :])
+            # a save in flight is named step_N.<owner token><random>: gc must never remove one
+            # of the live trainer's (its trash, named after no owner, may go)
+            stolen = [p for p in out.get("removed_paths", []) if "." + self._token in p.rsplit("/", 1)[-1]]
+            if stolen:
+                res.fail(f"run {self.run_no}: gc removed the live trainer's save in progress: {stolen}")
             with res.lock:
                 res.ops[op] += 1
                 res.counts["op_ms_max"] = max(res.counts["op_ms_max"], out.get("ms", 0))
@@ -397,8 +409,10 @@ class ActorsRun:
             log=os.path.join(self.work, "trainer.log"),
         )
         self._todo = {n for n, _ in OPS}
+        res.loaded = set()
         trainer = self.zygote.start(cfg)
         try:
+            self._token = trainer.wait_event("READY ", 180).split()[1]
             trainer.wait_event("CONFIRMED ", 180)
             deadline = time.monotonic() + self.seconds
             threads = [
@@ -422,7 +436,9 @@ class ActorsRun:
             code = trainer.wait(self.op_timeout + 60)
             if code is None:
                 res.counts["hangs"] += 1
-                res.fail(f"run {self.run_no}: the trainer did not stop; log:\n{self._log_tail('trainer.log')}")
+                res.fail(
+                    f"run {self.run_no}: the trainer did not stop; log:\n{self._log_tail('trainer.log')}"
+                )
         finally:
             trainer.kill()
         trainer.drain()

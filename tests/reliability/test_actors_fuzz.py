@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import random
 import time
 import uuid
@@ -88,6 +87,7 @@ def _check_end(root: str, numel: int, opts: dict[str, Any] | None, confirmed: li
     c["not_pruned"] += len(extra)
     if extra:
         res.fail(f"run {run_no}: retention left {extra} (expected only {sorted(expected)})")
+    c["loaded_distinct_steps"] += len(res.loaded)
     never = sorted(res.loaded - {s for s, _ in confirmed})
     if never:
         c["unconfirmed_loads"] += len(never)
@@ -134,7 +134,6 @@ def _fuzz(tmp_path, name: str, runs: int, seconds: float, actors: int, rng: rand
         "wall_s": round(time.monotonic() - t0, 1),
         "executors": dict(executors_used),
         "operations": sum(res.ops.values()),
-        "loaded_distinct_steps": len(res.loaded),
         "failures": len(res.failures),
         **res.summary(),
     }
