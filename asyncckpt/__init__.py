@@ -12,10 +12,12 @@ from .errors import (
     CheckpointTimeoutError,
     ConfigError,
     CorruptCheckpointError,
+    RootBusyError,
     StagingError,
     StateMismatchError,
     StepExistsError,
     StorageError,
+    UnsupportedStateError,
     WriteError,
     WriterDiedError,
 )
@@ -53,6 +55,8 @@ __all__ = [
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
     "StateMismatchError",
+    "RootBusyError",
+    "UnsupportedStateError",
 ]
 
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ pruner plans deletions from.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -38,6 +39,9 @@ __all__ = [
     "leftover_reason",
     "read_protected",
     "protect",
+    "read_abandoned",
+    "abandon",
+    "unabandon",
 ]
 
 log = logging.getLogger("asyncckpt")
@@ -98,22 +102,39 @@ def _upload_state(storage: Storage, path: str, m: Manifest) -> str | None:
 def list_in(storage: Storage, root: str) -> list[CheckpointInfo]:
     """Committed checkpoints under ``root`` (through an existing backend), oldest first.
 
-    A step deleted while it is being listed is left out; a storage error is raised, never
-    taken for "not committed".
+    A step deleted while it is being listed is left out, and the listing is taken again, so
+    a step committed meanwhile (retention deletes after a commit) is seen.  A storage error is
+    raised, never taken for "not committed".
     """
-    out = []
+    for _ in range(LIST_ROUNDS):
+        out, vanished = _list_once(storage, root)
+        if not vanished:
+            break
+    return out
+
+
+LIST_ROUNDS = 10  # a root that a fast trainer prunes at every commit can lose one listing
+
+
+def _list_once(storage: Storage, root: str) -> tuple[list[CheckpointInfo], bool]:
+    abandoned = read_abandoned(storage, root)
+    out, vanished = [], False
     for step, kind, path in step_dirs(storage, root):
         try:
             m = read_manifest(storage, path)
         except CorruptCheckpointError:
+            if storage.stat(path) is None:
+                vanished = True
             continue
         except StorageError as e:
             if e.errno == errno.ENOENT:  # deleted while we looked
+                vanished = True
                 continue
             raise
         if m.step == step:
-            out.append(CheckpointInfo.from_manifest(m, path, kind, _upload_state(storage, path, m)))
-    return out
+            info = CheckpointInfo.from_manifest(m, path, kind, _upload_state(storage, path, m))
+            out.append(dataclasses.replace(info, abandoned=True) if step in abandoned else info)
+    return out, vanished
 
 
 def list_checkpoints(
@@ -167,45 +188,64 @@ def leftover_reason(storage: Storage, path: str) -> str:
 
 
 def read_protected(storage: Storage, root: str) -> set[int]:
-    """Steps recorded by :func:`protect` under ``root``; unreadable records are ignored."""
+    """Steps recorded by :func:`protect` under ``root`` (one marker per step), and those of
+    the 0.1 list file ``.protected.json``; unreadable records are ignored."""
+    marked = {
+        s
+        for n in storage.listdir(layout.join(root, layout.PROTECTED_DIR))
+        if (s := layout.parse_step(n)) is not None
+    }
     path = layout.join(root, layout.PROTECTED_FILE)
     st = storage.stat(path)
     if st is None:
-        return set()
+        return marked
     if st.kind != "file":  # a FIFO would block the read forever
         log.warning("asyncckpt: ignoring %s: not a regular file", path)
-        return set()
+        return marked
     try:
         steps = json.loads(storage.read_bytes(path))
-        return {int(s) for s in steps if isinstance(s, int) and not isinstance(s, bool)}
+        return marked | {int(s) for s in steps if isinstance(s, int) and not isinstance(s, bool)}
     except (ValueError, TypeError, OSError) as e:
         log.warning("asyncckpt: ignoring unreadable %s (%s)", path, e)
-        return set()
+        return marked
 
 
-_PROTECT_LOCK = threading.Lock()
+def protect(storage: Storage, root: str, steps: Iterable[int]) -> None:
+    """Record ``steps`` as protected: one marker file each, so writers in several processes
+    never lose each other's entries, and every prune sees them."""
+    _mark(storage, layout.join(root, layout.PROTECTED_DIR), steps)
 
 
-def protect(storage: Storage, root: str, steps: Iterable[int]) -> set[int]:
-    """Add ``steps`` to the root's protected set (re-read first, so no entry is lost); returns
-    the new set."""
-    with _PROTECT_LOCK:
-        now = read_protected(storage, root) | set(steps)
-        data = json.dumps(sorted(now)).encode()
-        path = layout.join(root, layout.PROTECTED_FILE)
-        if isinstance(storage, AtomicRename):
-            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        else:  # an object PUT replaces atomically
-            storage.remove(path)
-            out = storage.open_write(path)
-            out.write(data)
-            storage.finish_write(out, path, len(data))
-    return now
+def read_abandoned(storage: Storage, root: str) -> set[int]:
+    """Steps marked abandoned by a rollback (:func:`abandon`)."""
+    names = storage.listdir(layout.join(root, layout.ABANDONED_DIR))
+    return {s for n in names if (s := layout.parse_step(n)) is not None}
+
+
+def abandon(storage: Storage, root: str, steps: Iterable[int]) -> None:
+    """Mark ``steps`` abandoned: a resume rolled back to an older step, and training goes on
+    from there.  One marker file per step, under ``ROOT/.abandoned.d/``."""
+    _mark(storage, layout.join(root, layout.ABANDONED_DIR), steps)
+
+
+def unabandon(storage: Storage, root: str, step: int) -> None:
+    """Drop the abandoned mark of a step that was deleted."""
+    storage.remove(layout.join(root, layout.ABANDONED_DIR, layout.step_dirname(step)))
+
+
+def _mark(storage: Storage, directory: str, steps: Iterable[int]) -> None:
+    storage.makedirs(directory)
+    for step in steps:
+        path = layout.join(directory, layout.step_dirname(step))
+        if exists(storage, path):
+            continue
+        try:
+            f = storage.open_write(path)
+        except OSError:
+            if exists(storage, path):  # another process marked it at the same moment
+                continue
+            raise
+        storage.finish_write(f, path, 0)
 
 
 # --------------------------------------------------------------------------- one writer's view
@@ -217,23 +257,42 @@ class Catalog:
     def __init__(self, existing: Iterable[CheckpointInfo] = ()) -> None:
         self._lock = threading.Lock()
         self._records: dict[tuple[Kind, int], CheckpointRecord] = {}
+        self._abandoned: set[tuple[Kind, int]] = set()  # committed, but of an abandoned line
         for info in existing:
             self.add(info)
 
     def add(self, info: CheckpointInfo) -> None:
-        """Record a committed step."""
+        """Record a committed step (an abandoned one apart: retention never counts it)."""
         kind = Kind(info.tier)
         with self._lock:
+            if info.abandoned:
+                self._abandoned.add((kind, info.step))
+                return
             self._records[(kind, info.step)] = CheckpointRecord(
                 step=info.step, time=info.time, metrics=dict(info.metrics), tier=kind.value
             )
+
+    def abandon_after(self, step: int) -> list[int]:
+        """Move every step above ``step`` to the abandoned set; returns those steps."""
+        with self._lock:
+            moved = [key for key in self._records if key[1] > step]
+            for key in moved:
+                del self._records[key]
+                self._abandoned.add(key)
+            return sorted({s for _, s in moved})
+
+    def abandoned(self) -> set[tuple[Kind, int]]:
+        with self._lock:
+            return set(self._abandoned)
 
     def discard(self, kind: Kind, step: int) -> None:
         """Forget a step (it was deleted)."""
         with self._lock:
             self._records.pop((kind, step), None)
+            self._abandoned.discard((kind, step))
 
     def has(self, kind: Kind, step: int) -> bool:
+        """Whether ``step`` of ``kind`` is committed and not abandoned."""
         with self._lock:
             return (kind, step) in self._records
 

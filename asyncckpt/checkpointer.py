@@ -191,25 +191,34 @@ class AsyncCheckpointer:
         strict: bool = True,
         exclude: Sequence[str] = (),
         allow_missing: bool = False,
+        cast: bool = False,
+        require: Sequence[str] = (),
     ) -> int | None:
-        """Load the newest valid checkpoint into the state in place; its step, or None.
+        """Load the newest valid checkpoint into the state, all or nothing; its step, or None.
 
-        Saves in flight are committed first.  See :func:`asyncckpt.resume` for the options.
+        Saves in flight are committed first; the bytes are read into the staging buffers
+        (no second copy of the state), verified, then applied.  See :func:`asyncckpt.resume`
+        for the options.
         """
         self._check_open()
-        return self._pipeline.resume(step, strict, exclude, allow_missing)
+        return self._pipeline.resume(
+            step, strict=strict, exclude=exclude, allow_missing=allow_missing, cast=cast, require=require
+        )
 
     def stats(self) -> list[dict[str, Any]]:
         """Per-save timings: stall, staging, queue wait, write and commit seconds, throughput."""
         return self._pipeline.stats()
 
-    def close(self, final_step: int | None = None) -> None:
+    def close(self, final_step: int | None = None, timeout: float | None = None) -> None:
         """Save the final step if needed, drain every save in flight, stop; idempotent.
 
         Args:
             final_step: save this step now unless it is already committed.  Without it, the
                 last step passed to ``save_async`` is saved if the schedule skipped it
                 (``ScheduleOptions(final=True)``, the default).
+            timeout: give up after this many seconds: the steps not yet committed are
+                logged, the writer is abandoned (a writer process is killed) and
+                ``CheckpointTimeoutError`` is raised.  None waits for ever.
 
         Raises the error of a failed save the caller has not seen, so a failed final save
         makes the program fail instead of exiting quietly without a checkpoint.
@@ -219,7 +228,7 @@ class AsyncCheckpointer:
         self._closed = True
         if isinstance(self._pipeline, Pipeline):
             atexit.unregister(self._atexit)
-        self._pipeline.close(final_step, self._save_final)
+        self._pipeline.close(final_step, self._save_final, timeout)
 
     def __enter__(self) -> AsyncCheckpointer:
         return self
@@ -271,7 +280,7 @@ def _exit_hook(pipeline: Pipeline, pid: int) -> Callable[[], None]:
         if os.getpid() != pid:
             return
         try:
-            pipeline.close(None, pipeline.opts.schedule.final)
+            pipeline.close(None, pipeline.opts.schedule.final, pipeline.opts.writer.exit_timeout)
         except Exception as e:  # at exit there is no caller left to raise to
             log.error("asyncckpt: a save failed while draining at interpreter exit: %s", e)
 

@@ -83,13 +83,16 @@ def write_and_commit(
     own_bytes = 0
     if renames_atomically(storage):
         # ranks share one temp directory per step, named by the run id they agreed on
-        name = layout.tmp_dirname(req.step, req.run_id if several else None)
+        name = layout.tmp_dirname(req.step, req.run_id, shared=several)
         tmp = layout.join(layout.tmp_dir(req.root), name)
     else:
         tmp = final
         if exists(storage, layout.join(final, layout.MANIFEST)):
             raise StepExistsError(f"step {req.step} is already committed at {final}")
     storage.makedirs(tmp)
+    if not isinstance(storage, AtomicRename) and req.rank == 0:
+        # the prefix is the step's final name: say whose it is, so gc leaves it alone
+        write_small(storage, layout.join(tmp, layout.WRITER_MARKER), req.run_id.encode())
     try:
         chunks, files = write_shards(storage, tmp, entries, buffer, req.rank, pool, n_files, templates)
         if on_shards_written is not None:
@@ -127,8 +130,11 @@ def write_and_commit(
             torch_version=torch.__version__,
             remote=req.remote,
             piece=req.rank if piece else None,
+            selection=req.selection,
         )
         write_manifest(storage, tmp, manifest, req.paths, should_abort)
+        if not isinstance(storage, AtomicRename) and req.rank == 0:
+            _drop_writer_marker(storage, tmp)
         if isinstance(storage, AtomicRename):
             storage.sync_dir(tmp)
             _check_abort(should_abort, req.step)
@@ -153,6 +159,13 @@ def write_and_commit(
         write_seconds=t1 - t0,
         commit_seconds=t1 - t_written,
     )
+
+
+def _drop_writer_marker(storage: Storage, directory: str) -> None:
+    try:  # committed: the marker has done its job (left behind, it is harmless)
+        storage.remove(layout.join(directory, layout.WRITER_MARKER))
+    except OSError as e:
+        log.warning("asyncckpt: could not remove %s: %s", layout.join(directory, layout.WRITER_MARKER), e)
 
 
 def write_manifest(

@@ -24,7 +24,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "current", "is_dtensor", "agree_run_id", "local_chunk", "assign_writers", "all_gather"]
+__all__ = [
+    "DistInfo", "current", "is_dtensor", "agree_run_id", "broadcast", "local_chunk", "assign_writers", "all_gather"
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -56,9 +58,14 @@ def all_gather(obj: Any) -> list[Any]:
 
 def agree_run_id() -> str:
     """Rank 0's random id, known to every rank."""
-    box = [uuid.uuid4().hex[:16]]
+    return str(broadcast(uuid.uuid4().hex[:16]))
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (trainer thread only)."""
+    box = [obj]
     dist.broadcast_object_list(box, src=0)
-    return str(box[0])
+    return box[0]
 
 
 def is_dtensor(t: object) -> bool:

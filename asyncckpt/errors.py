@@ -19,6 +19,8 @@ __all__ = [
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
     "StateMismatchError",
+    "RootBusyError",
+    "UnsupportedStateError",
 ]
 
 
@@ -48,6 +50,14 @@ class WriterDiedError(WriteError):
 
 class CheckpointTimeoutError(AsyncCheckpointError, TimeoutError):
     """A wait on a save did not finish in the given time."""
+
+
+class RootBusyError(AsyncCheckpointError, RuntimeError):
+    """Another live writer owns the checkpoint root; a root has one writer at a time."""
+
+
+class UnsupportedStateError(AsyncCheckpointError, TypeError):
+    """The state holds something that cannot be checkpointed (the message names it)."""
 
 
 class StepExistsError(AsyncCheckpointError, FileExistsError):

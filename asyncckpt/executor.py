@@ -107,8 +107,12 @@ class ThreadExecutor:
     def take_notices(self) -> list[BaseException]:
         return []
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Finish the queued saves and stop; ``wait=False`` leaves a stuck writer (a daemon
+        thread) behind."""
         self._queue.put(None)
+        if not wait:
+            return
         self._thread.join()
         if self._files is not None:
             self._files.shutdown(wait=True)
@@ -224,10 +228,13 @@ class ProcessExecutor:
             out, self._notices = self._notices, []
         return out
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Finish the queued saves and stop the writer; ``wait=False`` kills a stuck one."""
         self._closing = True
         self._outbox.put(None)
-        self._dispatcher.join()
+        if not wait:
+            self.process.kill()
+        self._dispatcher.join(None if wait else 5)
         try:
             self._to_child.send(msgs.Stop())
         except OSError:

@@ -105,9 +105,9 @@ class Finalizer:
         fut = self.remote.uploader.submit(info)
         fut.add_done_callback(lambda f: self._queue.put(lambda: self._uploaded(info.step, None, f)))
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         self._queue.put(None)
-        self._thread.join()
+        self._thread.join(None if wait else 5)
 
     # -- writer / listener thread (cheap and non-blocking only)
     def _on_done(self, save: _Save, fut: Future[SaveOutcome]) -> None:

@@ -32,6 +32,8 @@ class CheckpointInfo:
         tier: ``"permanent"``, or ``"snapshot"`` for the rolling snapshot slots.
         upload: with a local-first tier: ``"pending"`` or ``"uploaded"`` for a local copy,
             ``"uploaded"`` for the remote copy; None otherwise.
+        abandoned: a step of a line of training that a later resume rolled back from; never
+            resumed unless asked for by step, never counted by retention (see concepts.md).
     """
 
     step: int
@@ -42,6 +44,7 @@ class CheckpointInfo:
     world_size: int = 1
     tier: str = "permanent"
     upload: str | None = None
+    abandoned: bool = False
 
     @classmethod
     def from_manifest(

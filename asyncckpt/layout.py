@@ -6,7 +6,9 @@ ROOT/
     .uploaded              local-first tier: the remote copy is committed
   snapshots/step_.../      the rolling snapshot tier, same layout
   .tmp/step_....<id>/      a save in progress (or a step being deleted)
-  .protected.json          steps retention never deletes
+  .owners/<token>.json     the live writer's owner record, renewed while it runs
+  .protected.d/step_...    steps retention never deletes (and the 0.1 list .protected.json)
+  .abandoned.d/step_...    steps of a line of training that a rollback abandoned
   rank00003/               several ranks with a local-first tier: one rank's pieces
 ```
 """
@@ -26,6 +28,10 @@ DCP_METADATA = ".metadata"
 UPLOADED_MARKER = ".uploaded"
 PROTECTED_FILE = ".protected.json"
 DONE_SUFFIX = ".done.json"
+OWNERS_DIR = ".owners"  # one record per live writer (ownership.py)
+WRITER_MARKER = ".writer"  # object stores: the owner token of a step prefix being written
+ABANDONED_DIR = ".abandoned.d"  # one marker per step of a line that a rollback abandoned
+PROTECTED_DIR = ".protected.d"  # one marker per protected step
 
 _STEP_RE = re.compile(rf"^{STEP_PREFIX}(\d{{{STEP_DIGITS},}})$")
 _TMP_RE = re.compile(rf"^{STEP_PREFIX}(\d{{{STEP_DIGITS},}})\.[0-9a-f]{{8,32}}$")
@@ -82,10 +88,16 @@ def tmp_dir(base: str) -> str:
     return join(base, TMP_DIR)
 
 
-def tmp_dirname(step: int, token: str | None = None) -> str:
-    """An in-progress directory name for ``step``; unique unless ``token`` is given (ranks
-    that share one directory name it by the run id they agreed on)."""
-    return f"{step_dirname(step)}.{token or uuid.uuid4().hex[:16]}"
+def tmp_dirname(step: int, owner: str | None = None, shared: bool = False) -> str:
+    """An in-progress directory name for ``step``, carrying its owner's token (16 hex).
+
+    Unique per call (the token plus 16 random hex digits), unless ``shared``: ranks that
+    write one step together name it by the token they agreed on.
+    """
+    owner = owner or uuid.uuid4().hex[:16]
+    return (
+        f"{step_dirname(step)}.{owner}" if shared else f"{step_dirname(step)}.{owner}{uuid.uuid4().hex[:16]}"
+    )
 
 
 def parse_step(name: str) -> int | None:

@@ -8,7 +8,7 @@ pruner, exactly as a training run does.
 from __future__ import annotations
 
 import contextlib
-import os
+import errno
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,14 +23,21 @@ from .catalog import (
     read_manifest,
     read_protected,
 )
-from .errors import AsyncCheckpointError, CheckpointNotFoundError, ConfigError, CorruptCheckpointError
+from .errors import (
+    AsyncCheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    StorageError,
+)
 from .handle import CheckpointInfo
 from .layout import Kind
 from .manifest import Manifest
+from .ownership import is_alive, owner_of, owners, record_path
 from .policy import CheckpointRecord, RetentionPolicy, plan_deletions
 from .pruner import abort_uploads, decommit_and_remove
 from .reader import verify_files
-from .storage import AtomicRename, Storage, storage_for
+from .storage import AtomicRename, Storage, is_file, storage_for
 
 __all__ = [
     "Target",
@@ -243,10 +250,13 @@ def verify_root(
             yield VerifyResult(target, [] if gone else [" ".join(str(e).split())], vanished=gone)
             continue
         bar = progress(m, target) if progress is not None else None
-        with bar if bar is not None else contextlib.nullcontext():
-            problems = verify_files(storage, i.path, m, progress=bar.update if bar is not None else None)
+        try:
+            with bar if bar is not None else contextlib.nullcontext():
+                problems = verify_files(storage, i.path, m, progress=bar.update if bar is not None else None)
+        except (CorruptCheckpointError, OSError) as e:  # e.g. a file vanished mid-read
+            problems = [" ".join(str(e).split())]
         if problems and storage.stat(layout.join(i.path, layout.MANIFEST)) is None:
-            yield VerifyResult(target, [], vanished=True)
+            yield VerifyResult(target, [], vanished=True)  # pruned while we read it
         else:
             yield VerifyResult(target, problems)
 
@@ -254,20 +264,35 @@ def verify_root(
 # --------------------------------------------------------------------------- gc
 
 
-def _age_s(path: str, now: float) -> float | None:
-    """Seconds since anything directly in ``path`` last changed; None when unknown (URLs)."""
-    if "://" in path:
+def _age_s(storage: Storage, path: str, now: float) -> float | None:
+    """Seconds since anything directly in ``path`` last changed; None when unknown."""
+    st = storage.stat(path)
+    if st is None:
+        return None
+    times = [st.mtime] if st.mtime is not None else []
+    if st.kind == "dir":
+        for name in storage.listdir(path):
+            child = storage.stat(layout.join(path, name))
+            if child is not None and child.mtime is not None:
+                times.append(child.mtime)
+    return max(0.0, now - max(times)) if times else None
+
+
+def _owner(storage: Storage, path: str) -> str | None:
+    """The owner token of an in-flight leftover: from a temp name, or a step's ``.writer``."""
+    parent, name = layout.parent(path)
+    if layout.parent(parent)[1] == layout.TMP_DIR:
+        return owner_of(name)
+    marker = layout.join(path, layout.WRITER_MARKER)
+    # a storage error propagates: an unanswered question is never "nobody owns it"
+    if not is_file(storage, marker):
         return None
     try:
-        newest = os.lstat(path).st_mtime
-        if os.path.isdir(path) and not os.path.islink(path):
-            with os.scandir(path) as it:
-                for e in it:
-                    with contextlib.suppress(OSError):
-                        newest = max(newest, e.stat(follow_symlinks=False).st_mtime)
-    except OSError:
-        return None
-    return max(0.0, now - newest)
+        return storage.read_bytes(marker, 64).decode(errors="replace").strip() or None
+    except StorageError as e:
+        if e.errno == errno.ENOENT:  # the step committed meanwhile: its writer dropped the marker
+            return None
+        raise
 
 
 @dataclass
@@ -278,6 +303,7 @@ class GcReport:
     dry_run: bool
     removed: list[tuple[str, str]] = field(default_factory=list)  # leftovers: (path, reason)
     young: list[tuple[str, float | None]] = field(default_factory=list)  # leftovers too recent
+    in_use: list[tuple[str, str]] = field(default_factory=list)  # a live writer's work: (path, owner)
     aborted: list[tuple[str, str, float | None]] = field(default_factory=list)  # uploads
     young_uploads: list[tuple[str, float | None]] = field(default_factory=list)
     deleted: list[CheckpointInfo] = field(default_factory=list)
@@ -314,8 +340,14 @@ def gc(
         raise ConfigError(f"gc takes a checkpoint root, not a step directory: {root}")
     now = time.time() if now is None else now
     report = GcReport(root, dry_run, policies=len(policies))
+    known = owners(storage, root)
+    alive = {t: rec for t, (rec, mtime) in known.items() if is_alive(rec, mtime, now)}
     for path in leftovers_in(storage, root):
-        age = _age_s(path, now)
+        owner = _owner(storage, path)
+        if owner in alive:  # never a live writer's work, whatever --min-age says
+            report.in_use.append((path, alive[owner].describe()))
+            continue
+        age = _age_s(storage, path, now)
         if min_age > 0 and (age is None or age < min_age):
             report.young.append((path, age))
             continue
@@ -329,7 +361,14 @@ def gc(
                 report.errors.append(f"could not remove {path}: {' '.join(str(e).split())}")
                 continue
         report.removed.append((path, reason))
-    report.aborted, report.young_uploads, errs = abort_uploads(storage, root, min_age, now, dry_run)
+    if not dry_run:
+        for token in set(known) - set(alive):
+            storage.remove(record_path(root, token))  # a dead writer's owner record
+
+    def in_use(url: str) -> bool:  # an upload into a step a live writer is writing
+        return _owner(storage, layout.parent(url)[0]) in alive
+
+    report.aborted, report.young_uploads, errs = abort_uploads(storage, root, min_age, now, dry_run, in_use)
     report.errors += errs
 
     infos = list_in(storage, root)

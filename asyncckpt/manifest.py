@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, UnsupportedStateError
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "asyncckpt"
@@ -42,7 +42,7 @@ def dtype_name(dtype: torch.dtype) -> str:
     try:
         return DTYPE_NAMES[dtype]
     except KeyError:
-        raise TypeError(f"tensors of dtype {dtype} cannot be checkpointed") from None
+        raise UnsupportedStateError(f"tensors of dtype {dtype} cannot be checkpointed") from None
 
 
 @dataclass
@@ -93,6 +93,9 @@ class Manifest:
     # several ranks with a local-first tier: this local step holds only this rank's shards,
     # committed on the remote root together with the other ranks' (never loaded by itself)
     piece: int | None = None
+    # what a selective save covered: {"include": [patterns] | None, "exclude": [patterns],
+    # "cast": saved float dtype | None}; None for a checkpoint of everything
+    selection: dict[str, Any] | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -119,6 +122,8 @@ class Manifest:
             doc["remote"] = self.remote
         if self.piece is not None:
             doc["piece"] = self.piece
+        if self.selection is not None:
+            doc["selection"] = self.selection
         doc["checksum"] = _self_checksum(doc)
         return json.dumps(doc, indent=1, allow_nan=True).encode()
 
@@ -230,7 +235,29 @@ class _Parser:
             schema_version=version,
             remote=doc["remote"] if isinstance(doc.get("remote"), str) else None,
             piece=piece,
+            selection=self.selection(doc["selection"]) if "selection" in doc else None,
         )
+
+    def selection(self, sel: Any) -> dict[str, Any]:
+        if not isinstance(sel, dict):
+            raise self.fail("selection: expected an object")
+        include = sel.get("include")
+        out: dict[str, Any] = {"include": None if include is None else self.patterns(include, "include")}
+        out["exclude"] = self.patterns(sel.get("exclude", []), "exclude")
+        cast = sel.get("cast")
+        if cast is not None and cast not in DTYPES:
+            raise self.fail(f"selection.cast: unknown dtype {cast!r}")
+        out["cast"] = cast
+        return out
+
+    def patterns(self, v: Any, ctx: str) -> list[str]:
+        if (
+            not isinstance(v, list)
+            or len(v) > 10_000
+            or not all(isinstance(p, str) and len(p) < 4096 for p in v)
+        ):
+            raise self.fail(f"selection.{ctx}: expected a list of patterns")
+        return list(v)
 
     def tensor(self, fqn: str, t: Any, files: dict[str, dict[str, int]]) -> TensorEntry:
         ctx = f"tensors[{fqn!r}]"

@@ -201,12 +201,21 @@ class WriterOptions:
             reported as ``WriterDiedError``, never silently dropped.
         commit_timeout: with several ranks, how long rank 0 waits for every rank's shards
             (and the others for rank 0's manifest) before the save fails naming who is missing.
+        takeover: start even though another live writer owns the root (its owner record is
+            fresh).  Without it that is a ``RootBusyError``: a root has one writer.
+        lease_ttl: seconds after which a writer on another host that stopped renewing its
+            owner record counts as gone (its in-flight work may then be swept).
+        exit_timeout: how long the drain at interpreter exit waits for saves in flight
+            before it gives up (logging the steps it lost); None waits for ever.
     """
 
     executor: str = "thread"
     threads: int = 1
     restart: bool = True
     commit_timeout: float = 600.0
+    takeover: bool = False
+    lease_ttl: float = 60.0
+    exit_timeout: float | None = 600.0
 
     def __post_init__(self) -> None:
         if self.executor not in ("thread", "process"):
@@ -214,10 +223,14 @@ class WriterOptions:
         _int("WriterOptions", "threads", self.threads, 1)
         if not isinstance(self.restart, bool):
             raise ConfigError(f"WriterOptions: restart must be True or False, got {self.restart!r}")
-        if isinstance(self.commit_timeout, bool) or not isinstance(self.commit_timeout, (int, float)):
-            raise ConfigError(f"WriterOptions: commit_timeout must be seconds, got {self.commit_timeout!r}")
-        if not self.commit_timeout > 0:
-            raise ConfigError(f"WriterOptions: commit_timeout must be > 0, got {self.commit_timeout!r}")
+        for name in ("commit_timeout", "lease_ttl", "exit_timeout"):
+            v = getattr(self, name)
+            if v is None and name == "exit_timeout":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ConfigError(f"WriterOptions: {name} must be seconds > 0, got {v!r}")
+        if not isinstance(self.takeover, bool):
+            raise ConfigError(f"WriterOptions: takeover must be True or False, got {self.takeover!r}")
 
 
 @dataclass(frozen=True)

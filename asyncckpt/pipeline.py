@@ -24,17 +24,17 @@ import concurrent.futures
 import logging
 import os
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from . import distributed, layout
-from .catalog import Catalog, list_in, normalize_root, protect
-from .errors import CheckpointTimeoutError, ConfigError, StepExistsError
+from .catalog import Catalog, abandon, list_in, normalize_root, protect, read_abandoned, unabandon
+from .errors import CheckpointTimeoutError, ConfigError, RootBusyError, StepExistsError
 from .executor import ProcessExecutor, ThreadExecutor
 from .finalize import Finalizer, RemoteTier
 from .handle import ErrorInbox, SaveHandle
 from .layout import Kind
+from .manifest import DTYPE_NAMES
 from .options import (
     ScheduleOptions,
     SelectOptions,
@@ -43,6 +43,7 @@ from .options import (
     StorageOptions,
     WriterOptions,
 )
+from .ownership import Heartbeat, is_alive, new_token, owners
 from .policy import RetentionPolicy
 from .pruner import Pruner, sweep_tmp
 from .request import SaveRequest
@@ -99,6 +100,17 @@ class Selector:
         self.include, self.exclude = self.select.patterns(state)
         self._state = state
 
+    def recorded(self) -> dict[str, Any] | None:
+        """The selection as the manifest records it; None when everything is saved as is."""
+        dtype = self.select.dtype
+        if self.include is None and not self.exclude and dtype is None:
+            return None
+        return {
+            "include": self.include,
+            "exclude": self.exclude,
+            "cast": DTYPE_NAMES[dtype] if dtype is not None else None,
+        }
+
     def flat(self) -> FlatState:
         flat = flatten_state(self.state)
         if self.include is not None or self.exclude:
@@ -135,17 +147,35 @@ class Pipeline:
         if isinstance(self.storage, RootCheck):
             self.storage.check_root(self.root)  # a missing bucket fails now, not at the first save
         coordinator = self.dist is None or self.dist.coordinator
-        if coordinator or self.pieces:
-            sweep_tmp(self.storage, self.root)
-        # every rank constructs the checkpointer together: agree on the run id (after the sweep)
-        self.run_id = distributed.agree_run_id() if self.dist is not None else ""
+        owns_root = coordinator or self.pieces  # the rank that owns (and sweeps) this root
+        busy = self._busy(self.storage, self.root) if owns_root else None
+        if self.dist is not None and not self.pieces:  # every rank learns rank 0's verdict
+            busy = distributed.broadcast(busy)
+        if busy is not None:
+            raise RootBusyError(busy)
+        if owns_root:
+            sweep_tmp(self.storage, self.root, opts.writer.lease_ttl)
+        # every rank constructs the checkpointer together: agree on the run id (after the
+        # sweep); it is also this writer's owner token
+        self.run_id = distributed.agree_run_id() if self.dist is not None else new_token()
+        self.heartbeats = (
+            [Heartbeat(self.storage, self.root, self.run_id, opts.writer.lease_ttl)] if owns_root else []
+        )
         existing = list_in(self.storage, self.root)
+        if owns_root:  # a crash between deleting an abandoned step and its mark leaves the mark
+            for step in read_abandoned(self.storage, self.root) - {i.step for i in existing}:
+                unabandon(self.storage, self.root, step)
         self.catalog = Catalog(existing)
         slots = opts.snapshots.slots if opts.snapshots is not None else 2
         # one rank deletes from a shared root: rank 0; each rank prunes its own local pieces
         prunes = coordinator or self.pieces
         self.pruner = Pruner(
-            self.storage, self.root, self.catalog, opts.keep if prunes else [], slots if prunes else None
+            self.storage,
+            self.root,
+            self.catalog,
+            opts.keep if prunes else [],
+            slots if prunes else None,
+            self.run_id,
         )
         self.telemetry = Telemetry(opts.on_stats)
         self.inbox = ErrorInbox()
@@ -153,11 +183,19 @@ class Pipeline:
         if self.remote is not None and self.remote_root is not None:
             if isinstance(self.remote, RootCheck):
                 self.remote.check_root(self.remote_root)
-            self.uploader = Uploader(self.storage, self.remote, self.remote_root, opts.writer.commit_timeout)
+            if coordinator:  # uploads in flight on the remote root are this writer's too
+                self.heartbeats.append(
+                    Heartbeat(self.remote, self.remote_root, self.run_id, opts.writer.lease_ttl)
+                )
+            self.uploader = Uploader(
+                self.storage, self.remote, self.remote_root, opts.writer.commit_timeout, owner=self.run_id
+            )
             remote = RemoteTier(self.uploader, self.remote_root)
             if coordinator:
                 remote.catalog = Catalog(list_in(self.remote, self.remote_root))
-                remote.pruner = Pruner(self.remote, self.remote_root, remote.catalog, opts.keep, slots)
+                remote.pruner = Pruner(
+                    self.remote, self.remote_root, remote.catalog, opts.keep, slots, self.run_id
+                )
         self.finalizer = Finalizer(self.catalog, self.pruner, self.telemetry, self.inbox, remote)
         # a crash may have interrupted uploads: finish them (a step of several ranks commits
         # only if every rank uploads its part, so those are dropped)
@@ -179,6 +217,19 @@ class Pipeline:
         self.version = _version()
         self.closed = False
 
+    def _busy(self, storage: Storage, root: str) -> str | None:
+        """Why another writer owns ``root`` now, or None."""
+        live = [rec for rec, mtime in owners(storage, root).values() if is_alive(rec, mtime)]
+        if not live or self.opts.writer.takeover:
+            return None
+        rec = live[0]
+        return (
+            f"{root} is being written by another checkpointer ({rec.describe()}, owner record renewed "
+            f"{max(0.0, time.time() - rec.renewed):.0f}s ago); a root has one writer. Use another root, "
+            "stop that writer, read with asyncckpt.resume() instead, or pass "
+            "writer=WriterOptions(takeover=True) to write anyway"
+        )
+
     # -- saving
     def save(self, step: int, metrics: dict[str, Any], force: bool) -> SaveHandle | None:
         t0 = time.perf_counter()
@@ -190,6 +241,12 @@ class Pipeline:
         kind = self.scheduler.decide(step, metrics, force)
         if kind is None:
             return None
+        if (kind, step) in self.catalog.abandoned() and not self.pruner.delete(kind, step):
+            raise StepExistsError(
+                f"step {step} exists from a line of training a rollback abandoned, and could not be "
+                f"deleted (protected, or see the log); use another step number or delete "
+                f"{layout.step_dir(self.root, kind, step)}"
+            )
         if self.catalog.has(kind, step):
             raise StepExistsError(
                 f"step {step} is already committed at {layout.step_dir(self.root, kind, step)}; committed "
@@ -231,6 +288,7 @@ class Pipeline:
             commit_timeout=self.opts.writer.commit_timeout,
             remote=layout.join(self.remote_root, layout.step_dirname(step)) if tiered else None,  # type: ignore[arg-type]
             library_version=self.version,
+            selection=self.selector.recorded(),
         )
         released, committed = self.executor.submit(request, lease)
         released.add_done_callback(lambda _: lease.release())
@@ -274,25 +332,34 @@ class Pipeline:
         self.inbox.raise_pending()
 
     # -- everything else
-    def resume(
-        self, step: int | None, strict: bool, exclude: Sequence[str], allow_missing: bool
-    ) -> int | None:
+    def resume(self, step: int | None, **opts: Any) -> int | None:
         self.wait(None)
         sources = [] if self.pieces else [(self.storage, self.root)]  # a piece is not loadable
         if self.remote is not None and self.remote_root is not None:
             sources.append((self.remote, self.remote_root))
-        loaded = resume_in(
-            sources,
-            self.selector.state,
-            step=step,
-            strict=strict,
-            exclude=exclude,
-            allow_missing=allow_missing,
-        )
+        pool = self.stager.pool
+        slot = pool.acquire() if pool is not None else None  # read into the staging buffers
+        try:
+            views = pool.views(slot) if pool is not None and slot is not None else None
+            loaded = resume_in(sources, self.selector.state, step=step, pool=views, **opts)
+        finally:
+            if pool is not None and slot is not None:
+                pool.release(slot)
         if loaded is not None:
+            self._abandon_after(loaded)
             # loading often creates state (an optimizer's moments): size the buffers now
             self.stager.ensure(self.sharder.local(self.selector.flat()).flat)
         return loaded
+
+    def _abandon_after(self, step: int) -> None:
+        """Training goes on from ``step``: newer steps belong to an abandoned line.  They are
+        marked (so a crash resumes the new line), never counted by retention, and deleted
+        once the new line passes them."""
+        newer = self.catalog.abandon_after(step)
+        if newer and (self.dist is None or self.dist.coordinator or self.pieces):
+            abandon(self.storage, self.root, newer)
+        if newer:
+            log.warning("asyncckpt: resumed step %d; newer steps %s are abandoned", step, newer)
 
     def protect(self, step: int) -> None:
         protect(self.storage, self.root, [step])
@@ -300,30 +367,53 @@ class Pipeline:
     def stats(self) -> list[dict[str, Any]]:
         return self.telemetry.records()
 
-    def close(self, final_step: int | None, save_final: bool) -> None:
+    def close(self, final_step: int | None, save_final: bool, timeout: float | None = None) -> None:
         if self.closed:
             return
         self.closed = True
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        stuck = False
         try:
-            self.wait(None)  # a snapshot of the final step may still be in flight
+            self.wait(left())  # a snapshot of the final step may still be in flight
             target = self.scheduler.final_step(final_step) if save_final or final_step is not None else None
             if target is not None:
                 step, metrics = target
                 if not self.catalog.has(Kind.PERMANENT, step) and step not in self.finalizer.in_flight():
                     self.save(step, metrics, force=True)
-            self.wait(None)
-            self.finalizer.wait_uploads()  # the final checkpoint must reach the remote tier
+            self.wait(left())
+            if not self.finalizer.wait_uploads(left()):  # the final checkpoint must reach the remote
+                raise CheckpointTimeoutError(
+                    f"uploads to {self.remote_root} did not finish within {timeout}s"
+                )
+        except CheckpointTimeoutError:
+            stuck = True
+            lost = sorted(
+                self.finalizer.in_flight() | (self.uploader.uploading() if self.remote_root else set())
+            )
+            log.error(
+                "asyncckpt: close() gave up after %ss; steps not committed or not uploaded: %s", timeout, lost
+            )
+            raise
         finally:
-            self.shutdown()
+            self.shutdown(wait=not stuck)
         self.inbox.raise_pending()
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop every thread and process; ``wait=False`` abandons a stuck writer (its buffers
+        are left allocated, since it may still be reading them)."""
         self.scheduler.close()
-        self.executor.close()
-        self.finalizer.close()
+        self.executor.close(wait)
+        self.finalizer.close(wait)
         if self.remote_root is not None:
-            self.uploader.close()
-        self.stager.close()
+            self.uploader.close(wait)
+        for hb in self.heartbeats:
+            hb.stop()
+        if wait:
+            self.stager.close()
 
 
 class NullPipeline:
@@ -346,7 +436,7 @@ class NullPipeline:
     def wait_uploaded(self, timeout: float | None) -> None:
         pass
 
-    def resume(self, step: int | None, strict: bool, exclude: Sequence[str], allow_missing: bool) -> None:
+    def resume(self, step: int | None, **opts: Any) -> None:
         return None
 
     def protect(self, step: int) -> None:
@@ -355,5 +445,5 @@ class NullPipeline:
     def stats(self) -> list[dict[str, Any]]:
         return []
 
-    def close(self, final_step: int | None, save_final: bool) -> None:
+    def close(self, final_step: int | None, save_final: bool, timeout: float | None = None) -> None:
         pass

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from . import layout
-from .catalog import Catalog, read_protected
+from .catalog import Catalog, read_protected, unabandon
 from .layout import KINDS, Kind
+from .ownership import DEFAULT_TTL, is_alive, owner_of, owners, record_path
 from .policy import RetentionPolicy, plan_deletions
 from .storage import AtomicRename, MultipartUploads, Storage, exists
 
@@ -25,13 +26,14 @@ __all__ = ["Pruner", "decommit", "decommit_and_remove", "sweep_tmp", "abort_uplo
 log = logging.getLogger("asyncckpt")
 
 
-def decommit(storage: Storage, path: str, step: int) -> str:
-    """Make step directory ``path`` no longer a checkpoint; returns what is left to remove."""
+def decommit(storage: Storage, path: str, step: int, owner: str | None = None) -> str:
+    """Make step directory ``path`` no longer a checkpoint; returns what is left to remove
+    (named with ``owner``'s token, so nobody else sweeps it while its owner lives)."""
     base, _ = layout.parent(path)
     if isinstance(storage, AtomicRename):
         trash_dir = layout.tmp_dir(base)
         storage.makedirs(trash_dir)
-        trash = layout.join(trash_dir, layout.tmp_dirname(step))
+        trash = layout.join(trash_dir, layout.tmp_dirname(step, owner))
         storage.rename_dir(path, trash)  # out of the step namespace atomically
         return trash
     storage.remove(layout.join(path, layout.MANIFEST))  # object store: the manifest goes first
@@ -43,37 +45,52 @@ def decommit_and_remove(storage: Storage, path: str, step: int) -> None:
     storage.remove(decommit(storage, path, step))
 
 
-def sweep_tmp(storage: Storage, root: str) -> list[str]:
-    """Remove our in-progress directories under ``root`` (POSIX only); returns them.
+def sweep_tmp(storage: Storage, root: str, ttl: float = DEFAULT_TTL, now: float | None = None) -> list[str]:
+    """Remove in-progress directories under ``root`` whose owner is provably gone; returns them.
 
-    On object stores a prefix without a manifest may be another writer's save in progress,
-    so it is left to ``gc``.
+    POSIX only: a temp directory is removed unless its owner's record says the owner lives
+    (a writer writes its record before anything else, so no record means no owner).  A
+    live writer's work is never touched.  Dead owners' records go too.  On object stores a
+    prefix without a manifest is left to ``gc``.
     """
     if not isinstance(storage, AtomicRename):
         return []
+    now = time.time() if now is None else now
+    known = owners(storage, root)
+    alive = {t for t, (rec, mtime) in known.items() if is_alive(rec, mtime, now)}
     removed = []
     for kind in KINDS:
         tmp = layout.tmp_dir(layout.kind_root(root, kind))
         for name in storage.listdir(tmp):
-            if layout.is_tmp_name(name):
-                storage.remove(layout.join(tmp, name))
-                removed.append(layout.join(tmp, name))
+            if not layout.is_tmp_name(name) or owner_of(name) in alive:
+                continue
+            path = layout.join(tmp, name)
+            storage.remove(path)
+            removed.append(path)
+    for token in set(known) - alive:
+        storage.remove(record_path(root, token))
     return removed
 
 
 def abort_uploads(
-    storage: Storage, root: str, min_age: float, now: float, dry_run: bool = False
+    storage: Storage,
+    root: str,
+    min_age: float,
+    now: float,
+    dry_run: bool = False,
+    in_use: Callable[[str], bool] = lambda url: False,
 ) -> tuple[list[tuple[str, str, float | None]], list[tuple[str, float | None]], list[str]]:
-    """Abort the multipart uploads that killed writers left under ``root``.
+    """Abort the multipart uploads that killed writers left under ``root``; never one that
+    ``in_use`` says belongs to a live writer.
 
-    Returns (aborted: url, id, age), (skipped as too recent: url, age), errors.
+    Returns (aborted: url, id, age), (skipped: url, age), errors.
     """
     if not isinstance(storage, MultipartUploads):
         return [], [], []
     aborted, young, errors = [], [], []
     for url, upload_id, started in storage.pending_uploads(root):
         age = None if started is None else max(0.0, now - started)
-        if min_age > 0 and (age is None or age < min_age):
+        if min_age > 0 and (age is None or age < min_age) or in_use(url):
             young.append((url, age))
             continue
         if not dry_run:
@@ -96,8 +113,11 @@ class Pruner:
         catalog: Catalog,
         policies: Sequence[RetentionPolicy],
         snapshot_slots: int | None,
+        owner: str | None = None,
     ) -> None:
-        """``snapshot_slots`` None keeps every snapshot (ranks other than 0 never delete)."""
+        """``snapshot_slots`` None keeps every snapshot (ranks other than 0 never delete);
+        ``owner`` is the writer's token, which names its trash."""
+        self.owner = owner
         self.storage = storage
         self.root = root
         self.catalog = catalog
@@ -117,6 +137,10 @@ class Pruner:
         if self.snapshot_slots is not None:
             snaps = sorted(r.step for r in history if r.tier == Kind.SNAPSHOT)
             victims += [(Kind.SNAPSHOT, s) for s in snaps[: max(0, len(snaps) - self.snapshot_slots)]]
+        # a rollback's abandoned steps go once the new line has committed a step past them
+        newest = max((r.step for r in history if r.tier == Kind.PERMANENT), default=-1)
+        spared = protected if self.policies else read_protected(self.storage, self.root)
+        victims += [(k, s) for k, s in sorted(self.catalog.abandoned()) if s < newest and s not in spared]
         victims += [v for v in sorted(self._failed) if v not in victims and self.catalog.has(*v)]
         return victims
 
@@ -148,13 +172,19 @@ class Pruner:
                 self.catalog.discard(kind, step)
                 self._failed.discard((kind, step))
                 return True
-            trash = decommit(self.storage, path, step)
+            trash = decommit(self.storage, path, step, self.owner)
         except Exception as e:  # retention must never fail training
             log.warning("asyncckpt: could not delete %s (%s); will retry after the next commit", path, e)
             self._failed.add((kind, step))
             return False
+        was_abandoned = (kind, step) in self.catalog.abandoned()
         self.catalog.discard(kind, step)  # no longer a checkpoint, whatever happens next
         self._failed.discard((kind, step))
         self._remove(trash)
+        if was_abandoned:
+            try:
+                unabandon(self.storage, self.root, step)
+            except OSError as e:
+                log.warning("asyncckpt: could not remove the abandoned mark of step %d: %s", step, e)
         log.info("asyncckpt: retention deleted %s", path)
         return True

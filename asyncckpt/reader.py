@@ -70,7 +70,7 @@ class ManifestReader(StorageReader):
     """Reads one committed step described by ``manifest`` from ``directory``."""
 
     READ_CONCURRENCY = 8
-    COALESCE_BYTES = 32 << 20  # neighbouring blobs share one GET up to this span
+    COALESCE_BYTES = 32 << 20  # neighbouring blobs share one read (one GET) up to this span
 
     def __init__(self, storage: Storage, directory: str, manifest: Manifest, progress: Any = None) -> None:
         super().__init__()
@@ -113,29 +113,31 @@ class ManifestReader(StorageReader):
                     f"{self.directory}: no stored chunk for {idx.fqn} at {list(idx.offset or ())}"
                 )
             by_file.setdefault(chunk.file, []).append((chunk, req))
-        ranged = isinstance(self.storage, RangedReads)
-        if isinstance(self.storage, RangedReads):  # an object store: concurrent ranged GETs
-            read_range = self.storage.read_range
-            jobs = [
-                (layout.join(self.directory, name), group)
-                for name, reqs in by_file.items()
-                for group in coalesce(reqs, self.COALESCE_BYTES)
-            ]
+        # Groups of neighbouring blobs, read concurrently: one ranged GET each on an object
+        # store; on a local disk, each group reads straight into its tensors on its own file
+        # handle, and the reads and checksums of different groups overlap (both release the GIL).
+        jobs = [
+            (layout.join(self.directory, name), group)
+            for name, reqs in by_file.items()
+            for group in coalesce(reqs, self.COALESCE_BYTES)
+        ]
 
-            def fetch(job: tuple[str, list[tuple[Chunk, Any]]]) -> None:
-                path, group = job
+        def run(job: tuple[str, list[tuple[Chunk, Any]]]) -> None:
+            path, group = job
+            if isinstance(self.storage, RangedReads):
                 start, end = group[0][0].offset, max(c.offset + c.length for c, _ in group)
-                data = _RangeFile(read_range(path, start, end), start)
+                src: Any = _RangeFile(self.storage.read_range(path, start, end), start)
+            else:
+                src = self.storage.open_read(path)
+            try:
                 for chunk, req in group:
-                    self._read_one(data, chunk, req, planner, f"{path} ({req.storage_index.fqn})")
+                    self._read_one(src, chunk, req, planner, f"{path} ({req.storage_index.fqn})")
+            finally:
+                if not isinstance(src, _RangeFile):
+                    src.close()
 
-            with ThreadPoolExecutor(min(self.READ_CONCURRENCY, max(1, len(jobs)))) as pool:
-                list(pool.map(fetch, jobs))
-        for name, reqs in by_file.items() if not ranged else ():
-            path = layout.join(self.directory, name)
-            with self.storage.open_read(path) as f:
-                for chunk, req in sorted(reqs, key=lambda cr: cr[0].offset):
-                    self._read_one(f, chunk, req, planner, f"{path} ({req.storage_index.fqn})")
+        with ThreadPoolExecutor(min(self.READ_CONCURRENCY, max(1, len(jobs)))) as pool:
+            list(pool.map(run, jobs))
         fut: torch.futures.Future[None] = torch.futures.Future()
         fut.set_result(None)
         return fut

@@ -30,6 +30,7 @@ class SaveRequest:
         commit_timeout: how long ranks wait for each other.
         remote: with a local-first tier, the remote step this local step uploads to.
         library_version: recorded in the manifest.
+        selection: what a selective save covers, recorded in the manifest.
     """
 
     root: str
@@ -46,6 +47,7 @@ class SaveRequest:
     commit_timeout: float = 600.0
     remote: str | None = None
     library_version: str = ""
+    selection: dict[str, Any] | None = None  # recorded in the manifest (load_plan.py)
 
 
 @dataclass(frozen=True)

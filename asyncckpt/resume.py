@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from . import distributed
-from .catalog import normalize_root, read_manifest, step_dirs
+from . import distributed, load_plan
+from .catalog import normalize_root, read_abandoned, read_manifest, step_dirs
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError, StorageError
 from .layout import Kind
 from .manifest import Manifest
 from .progress import Progress
 from .reader import ManifestReader, file_problems, shard_files
-from .state import plan_load
 from .storage import Storage, storage_for
 
 __all__ = ["resume", "resume_in", "load_checkpoint"]
@@ -39,11 +40,21 @@ def load_checkpoint(
     strict: bool = True,
     exclude: Sequence[str] = (),
     allow_missing: bool = False,
+    cast: bool = False,
+    require: Sequence[str] = (),
+    pool: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
-    """Load one validated checkpoint into ``state`` in place (through DCP, so it reshards)."""
+    """Load one validated checkpoint into ``state``, all or nothing (through DCP: it reshards).
+
+    Phase 1 checks the structure and reads every byte into shadow buffers (``pool`` where it
+    fits), verifying every checksum; only then phase 2 copies them into the live state.
+    """
     problem: str | None = None
     try:
-        targets = plan_load(state, manifest, strict=strict, exclude=exclude, allow_missing=allow_missing)
+        lp = load_plan.plan(
+            state, manifest, strict=strict, exclude=exclude, allow_missing=allow_missing,
+            cast=cast, require=require, pool=pool,
+        )  # fmt: skip
     except StateMismatchError as e:
         problem = str(e)
     if distributed.current() is not None:
@@ -55,13 +66,13 @@ def load_checkpoint(
         raise StateMismatchError(problem)
     total = sum(c.length for t in manifest.tensors.values() for c in t.chunks)
     bar = Progress(total, f"loading step {manifest.step}") if total >= PROGRESS_MIN_BYTES else None
-    if targets.dest:
+    if lp.shadows:
         no_dist = not (dist.is_available() and dist.is_initialized())
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
                 dcp.load(
-                    targets.dest,
+                    lp.shadows,
                     storage_reader=ManifestReader(storage, step_dir, manifest, bar.update if bar else None),
                     planner=DefaultLoadPlanner(allow_partial_load=True),
                     no_dist=no_dist,
@@ -71,7 +82,13 @@ def load_checkpoint(
         finally:
             if bar is not None:
                 bar.close()
-    targets.finalize()
+    try:
+        lp.apply()
+    except Exception as e:  # every byte was verified: this is the state refusing it
+        raise StateMismatchError(
+            f"step {manifest.step} was read and verified, but applying it failed: {type(e).__name__}: "
+            f"{e}; the live state may be partly updated"
+        ) from e
 
 
 def _unwrap(e: CheckpointException) -> BaseException:
@@ -92,25 +109,35 @@ def resume(
     strict: bool = True,
     exclude: Sequence[str] = (),
     allow_missing: bool = False,
+    cast: bool = False,
+    require: Sequence[str] = (),
     storage_options: dict[str, Any] | None = None,
     local_dir: str | os.PathLike[str] | None = None,
 ) -> int | None:
-    """Load the newest valid committed checkpoint under ``root`` into ``state`` in place.
+    """Load the newest valid committed checkpoint under ``root`` into ``state``, all or nothing.
 
     Permanent checkpoints and rolling snapshots (``root/snapshots``) are both candidates;
     for the same step the permanent copy wins.
 
-    A checkpoint that is incomplete or corrupt (missing manifest, wrong file size, checksum
-    mismatch) is skipped with a warning naming the bad file, and the previous one is tried.
+    Every byte is read and checksummed, and every key, shape, dtype and optimizer structure
+    checked, before the live state is touched: a resume that fails leaves it exactly as it
+    was.  A checkpoint that is incomplete or corrupt (missing manifest, wrong file size,
+    checksum mismatch) is skipped with a warning naming the bad file, and the previous one is
+    tried.  A selective checkpoint restores what it holds and leaves the rest untouched.
     Nothing is unpickled.
 
     Args:
         root: the checkpoint root.
         state: the live state (same shape of dict as given to the checkpointer).
         step: load exactly this step instead of the newest; CheckpointNotFoundError if absent.
-        strict: fail with StateMismatchError when keys, shapes or dtypes differ.
+        strict: fail with StateMismatchError when keys differ (within what the checkpoint's
+            selection covers); False tolerates missing and extra keys.  Shapes must always
+            match, and dtypes unless ``cast``.
         exclude: fqn patterns to leave untouched (e.g. ``["optim"]``).
         allow_missing: tolerate live keys that the checkpoint lacks.
+        cast: convert between float dtypes; a lossy cast is warned about, never silent.
+        require: fqn patterns that must be restored (e.g. ``["optim"]``): a checkpoint whose
+            selection left them out (weights only) is refused before anything is touched.
         storage_options: fsspec options for a URL root (credentials, endpoint).
         local_dir: the local tier of a local-first setup; its copy of a step is preferred,
             and a missing or empty local dir falls back to ``root``.
@@ -126,7 +153,10 @@ def resume(
     sources = [(storage_for(r, storage_options), r)]
     if local_dir is not None:
         sources.insert(0, (storage_for(normalize_root(local_dir)), normalize_root(local_dir)))
-    return resume_in(sources, state, step=step, strict=strict, exclude=exclude, allow_missing=allow_missing)
+    return resume_in(
+        sources, state, step=step, strict=strict, exclude=exclude, allow_missing=allow_missing,
+        cast=cast, require=require,
+    )  # fmt: skip
 
 
 def _loadable(storage: Storage, path: str) -> bool:
@@ -153,65 +183,93 @@ def _agree(candidates: list[Any]) -> list[Any]:
     return [seen[k] for k in sorted(common, reverse=True)]  # type: ignore[index]
 
 
+def _candidates(sources: Sequence[tuple[Storage, str]], step: int | None) -> list[Any]:
+    """(key, storage, path), newest first; then permanent before snapshot; then the earlier
+    (local) source.  A rollback's abandoned steps are candidates only when asked for by step."""
+    out = []
+    for rank, (storage, r) in enumerate(sources):
+        abandoned = read_abandoned(storage, r) if step is None else set()
+        for s, kind, path in step_dirs(storage, r):
+            if s not in abandoned:
+                out.append(((s, kind is Kind.PERMANENT, -rank), storage, path))
+    out.sort(key=lambda c: c[0], reverse=True)
+    return out
+
+
+def _load_one(storage: Storage, path: str, s: int, state: dict[str, Any], **opts: Any) -> None:
+    manifest = read_manifest(storage, path)
+    if manifest.step != s:
+        raise CorruptCheckpointError(f"{path}: manifest says step {manifest.step}, directory says {s}")
+    if manifest.piece is not None:
+        raise CorruptCheckpointError(
+            f"{path} holds only rank {manifest.piece}'s shards of a {manifest.world_size}-rank "
+            "checkpoint (one rank's part of a local-first tier); resume from the remote root"
+        )
+    problems = file_problems(storage, path, manifest, shard_files(manifest))
+    if problems:
+        raise CorruptCheckpointError("; ".join(problems))
+    load_checkpoint(storage, path, manifest, state, **opts)
+
+
+RELIST_ROUNDS = 3  # a reader whose candidates were all deleted under it lists again
+
+
 def resume_in(
     sources: Sequence[tuple[Storage, str]],
     state: dict[str, Any],
     *,
     step: int | None = None,
-    strict: bool = True,
-    exclude: Sequence[str] = (),
-    allow_missing: bool = False,
+    **opts: Any,
 ) -> int | None:
-    """``resume`` over ``(storage, root)`` sources; for the same step, earlier sources win."""
-    candidates = []
-    for rank, (storage, r) in enumerate(sources):
-        for s, kind, path in step_dirs(storage, r):
-            # newest first; then permanent before snapshot; then the earlier (local) source
-            candidates.append(((s, kind is Kind.PERMANENT, -rank), storage, path))
-    candidates.sort(key=lambda c: c[0], reverse=True)
-    if distributed.current() is not None:
-        candidates = _agree(candidates)
-    if step is not None:
-        candidates = [c for c in candidates if c[0][0] == step]
-        if not candidates:
-            where = ", ".join(r for _, r in sources)
-            raise CheckpointNotFoundError(f"no checkpoint for step {step} under {where}")
-    if not candidates:
-        return None
-    failures = []
+    """``resume`` over ``(storage, root)`` sources; for the same step, earlier sources win.
+    ``opts`` are :func:`load_checkpoint`'s (strict, exclude, allow_missing, cast, require, pool).
+
+    A candidate deleted while it is read (retention in a running trainer) is skipped without
+    a warning, and the listing is taken again if nothing else was loadable.  A storage error
+    that is not a definite "not found" ends the resume as a ``StorageError``: it says
+    nothing about the checkpoints, so nothing falls back.
+    """
     r = " and ".join(root for _, root in sources)
-    for (s, _, _), storage, path in candidates:
-        try:
-            manifest = read_manifest(storage, path)
-            if manifest.step != s:
-                raise CorruptCheckpointError(
-                    f"{path}: manifest says step {manifest.step}, directory says {s}"
+    failures: list[str] = []
+    for _ in range(RELIST_ROUNDS):
+        candidates = _candidates(sources, step)
+        if distributed.current() is not None:
+            candidates = _agree(candidates)
+        if step is not None:
+            candidates = [c for c in candidates if c[0][0] == step]
+            if not candidates:
+                where = ", ".join(root for _, root in sources)
+                raise CheckpointNotFoundError(f"no checkpoint for step {step} under {where}")
+        if not candidates:
+            return None
+        vanished = False
+        for (s, _, _), storage, path in candidates:
+            try:
+                _load_one(storage, path, s, state, **opts)
+            except (CorruptCheckpointError, StorageError) as e:
+                if storage.stat(path) is None:  # deleted under us (retention): not damage
+                    log.info("asyncckpt: step %d was deleted while resuming; trying the next one", s)
+                    vanished = True
+                    continue
+                if isinstance(e, StorageError) and e.errno != errno.ENOENT:
+                    raise StorageError(
+                        e.errno, f"resuming from {r} failed: {e.strerror or e}; the checkpoints may be "
+                        "fine: retry when the storage answers", path,
+                    ) from e  # fmt: skip
+                warnings.warn(
+                    f"asyncckpt: skipping step {s}: {str(e).rstrip('.')}. Falling back to an older checkpoint.",
+                    RuntimeWarning,
+                    stacklevel=2,
                 )
-            if manifest.piece is not None:
-                raise CorruptCheckpointError(
-                    f"{path} holds only rank {manifest.piece}'s shards of a {manifest.world_size}-rank "
-                    "checkpoint (one rank's part of a local-first tier); resume from the remote root"
-                )
-            problems = file_problems(storage, path, manifest, shard_files(manifest))
-            if problems:
-                raise CorruptCheckpointError("; ".join(problems))
-            load_checkpoint(
-                storage, path, manifest, state,
-                strict=strict, exclude=exclude, allow_missing=allow_missing,
-            )  # fmt: skip
-        except (CorruptCheckpointError, StorageError) as e:
-            warnings.warn(
-                f"asyncckpt: skipping step {s}: {str(e).rstrip('.')}. Falling back to an older checkpoint.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            failures.append(f"step {s}: {e}")
-            continue
-        log.info("resumed from step %d (%s)", s, path)
-        return s
+                failures.append(f"step {s}: {e}")
+                continue
+            log.info("resumed from step %d (%s)", s, path)
+            return s
+        if not vanished:
+            break
     raise CorruptCheckpointError(
         f"no loadable checkpoint under {r}; every candidate failed: "
         + " | ".join(failures)
-        + ". Note that a failed attempt may have partly overwritten the live state. Move the "
-        "damaged step directories away to start fresh."
+        + ". The live state was not changed. `asyncckpt verify` shows each step's problems; move "
+        "the damaged step directories away to start fresh."
     )

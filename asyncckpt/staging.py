@@ -65,8 +65,15 @@ class StagingPlan:
         entries, off = [], 0
         for fqn, t in tensors.items():
             dtype = t.dtype
-            if cast is not None and t.dtype in _CASTABLE and t.dtype.itemsize >= cast.itemsize:
-                dtype = cast  # copy_ converts while staging; the live tensor is untouched
+            if (
+                cast is not None
+                and t.dtype in _CASTABLE
+                and t.dtype.itemsize >= cast.itemsize
+                and t.dim() > 0
+            ):
+                # copy_ converts while staging; the live tensor is untouched.  Scalars (an
+                # optimizer's step count) stay exact: 257 in bf16 would be 256
+                dtype = cast
             nbytes = t.numel() * dtype.itemsize
             entries.append(TensorSlot(fqn, dtype, tuple(t.shape), off, nbytes))
             off += (nbytes + ALIGN - 1) // ALIGN * ALIGN

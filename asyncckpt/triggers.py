@@ -29,6 +29,7 @@ class SaveTriggers:
         self.trigger_file = trigger_file
         self.signal_received: int | None = None  # the last signal seen; loops may poll it to stop
         self._pending = False
+        self._warned = False
         self._previous: dict[int, Any] = {}
         if signals and threading.current_thread() is not threading.main_thread():
             raise ConfigError(
@@ -51,13 +52,25 @@ class SaveTriggers:
         if self._pending:
             self._pending = False
             return f"signal {signal.Signals(self.signal_received or 0).name}"
-        if self.trigger_file is not None and os.path.exists(self.trigger_file):
-            try:
-                os.remove(self.trigger_file)
-            except FileNotFoundError:
-                pass
-            return f"trigger file {self.trigger_file}"
-        return None
+        if self.trigger_file is None or not os.path.lexists(self.trigger_file):
+            return None
+        if not os.path.isfile(self.trigger_file):  # a directory, a FIFO: never a request
+            if not self._warned:
+                log.warning("asyncckpt: ignoring trigger_file %s: not a regular file", self.trigger_file)
+                self._warned = True
+            return None
+        try:
+            os.remove(self.trigger_file)
+        except FileNotFoundError:
+            return None  # another process consumed it
+        except OSError as e:  # cannot consume it: save now, but warn, and never fail training
+            if self._warned:
+                return None  # it stays; one save per stuck file is enough
+            log.warning(
+                "asyncckpt: could not remove trigger_file %s (%s); it triggers once", self.trigger_file, e
+            )
+            self._warned = True
+        return f"trigger file {self.trigger_file}"
 
     def close(self) -> None:
         """Restore the signal handlers that were there before."""

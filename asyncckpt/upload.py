@@ -20,11 +20,12 @@ from typing import Any
 
 from . import layout
 from .commit import await_manifest, gather_done_records, write_done_record, write_manifest
-from .errors import StepExistsError
+from .errors import AsyncCheckpointError, StepExistsError, StorageError
 from .handle import CheckpointInfo
 from .layout import Kind
 from .manifest import Manifest
 from .storage import AtomicRename, Storage, exists, retrying
+from .writer import write_small
 
 __all__ = ["Uploader", "upload_step", "upload_piece"]
 
@@ -44,25 +45,38 @@ def _copy_file(src: Storage, src_path: str, dst: Storage, dst_path: str) -> int:
                 while chunk := f.read(_CHUNK):
                     out.write(chunk)
                     n += len(chunk)
+            dst.finish_write(out, dst_path, n)
+        except Exception as e:  # a failed completion too: no multipart upload is left open
+            dst.abort_write(out)
+            if isinstance(e, OSError | AsyncCheckpointError):
+                raise
+            raise StorageError(0, f"upload failed: {type(e).__name__}: {e}", dst_path) from e
         except BaseException:
             dst.abort_write(out)
             raise
-        dst.finish_write(out, dst_path, n)
         return n
 
     return retrying(dst, attempt)
 
 
-def upload_step(local: Storage, local_dir: str, remote: Storage, remote_dir: str) -> int:
-    """Copy a committed step; the manifest goes last.  Returns the bytes uploaded."""
-    names = [n for n in local.listdir(local_dir) if n not in (layout.MANIFEST, layout.UPLOADED_MARKER)]
+def upload_step(local: Storage, local_dir: str, remote: Storage, remote_dir: str, owner: str = "") -> int:
+    """Copy a committed step; the manifest goes last.  Returns the bytes uploaded.
+
+    While it is under way the remote step holds ``.writer`` with ``owner``'s token, so
+    ``gc`` on the remote root leaves it alone while this writer lives.
+    """
+    skip = (layout.MANIFEST, layout.UPLOADED_MARKER, layout.WRITER_MARKER)
+    names = [n for n in local.listdir(local_dir) if n not in skip]
     remote.makedirs(remote_dir)  # a shared POSIX remote (object stores need none)
+    marker = layout.join(remote_dir, layout.WRITER_MARKER)
+    write_small(remote, marker, owner.encode())
     total = 0
     for name in names:
         total += _copy_file(local, layout.join(local_dir, name), remote, layout.join(remote_dir, name))
     total += _copy_file(
         local, layout.join(local_dir, layout.MANIFEST), remote, layout.join(remote_dir, layout.MANIFEST)
     )
+    remote.remove(marker)
     _mark_uploaded(local, local_dir)
     return total
 
@@ -130,9 +144,14 @@ class Uploader:
     """
 
     def __init__(
-        self, local: Storage, remote: Storage, remote_root: str, commit_timeout: float = 600.0
+        self,
+        local: Storage,
+        remote: Storage,
+        remote_root: str,
+        commit_timeout: float = 600.0,
+        owner: str = "",
     ) -> None:
-        self.local, self.remote, self.remote_root = local, remote, remote_root
+        self.local, self.remote, self.remote_root, self.owner = local, remote, remote_root, owner
         self.commit_timeout = commit_timeout
         self._pending: dict[int, _Upload] = {}
         self._lock = threading.Lock()
@@ -164,9 +183,9 @@ class Uploader:
         _, not_done = concurrent.futures.wait(futures, timeout=timeout)
         return not not_done
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         self._queue.put(None)
-        self._thread.join()
+        self._thread.join(None if wait else 5)
 
     def _loop(self) -> None:
         while (up := self._queue.get()) is not None:
@@ -180,7 +199,7 @@ class Uploader:
                     )
                     _mark_uploaded(self.local, up.info.path)
                 else:
-                    nbytes = upload_step(self.local, up.info.path, self.remote, remote_dir)
+                    nbytes = upload_step(self.local, up.info.path, self.remote, remote_dir, self.owner)
                     remote_info = dataclasses.replace(up.info, path=remote_dir, upload="uploaded")
             except BaseException as e:
                 log.error("asyncckpt: uploading step %d to %s failed: %s", step, remote_dir, e)

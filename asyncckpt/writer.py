@@ -134,10 +134,10 @@ def _write_file(
                 nbytes=e.nbytes,
                 crc32=w.crc,
             )
-    except BaseException:
-        storage.abort_write(f)  # an object store aborts the multipart upload
+        storage.finish_write(f, path, w.pos)
+    except BaseException:  # a failed completion too: an object store aborts the multipart upload
+        storage.abort_write(f)
         raise
-    storage.finish_write(f, path, w.pos)
     return chunks, w.pos
 
 
@@ -173,11 +173,12 @@ def write_shards(
 
 
 def write_small(storage: Storage, path: str, data: bytes) -> dict[str, int]:
+    """Write a small file durably; returns its size and crc32 for the manifest."""
     f = storage.open_write(path)
     try:
         _ChecksumWriter(f, path).write(data)
+        storage.finish_write(f, path, len(data))
     except BaseException:
         storage.abort_write(f)
         raise
-    storage.finish_write(f, path, len(data))
     return {"size": len(data), "crc32": zlib.crc32(data)}

@@ -222,7 +222,7 @@ def test_retention_only_touches_checkpoints_it_owns(root: str) -> None:
     assert os.path.isdir(os.path.join(root, "step_000000001")) and os.path.isdir(os.path.join(root, "notes"))
 
 
-def test_model_only_and_exclude_then_resume_with_allow_missing(root: str) -> None:
+def test_model_only_and_exclude_then_resume_restores_exactly_the_selection(root: str) -> None:
     model = tiny_model(0)
     opt = torch.optim.Adam(model.parameters())
     train_steps(model, opt, 2)
@@ -232,10 +232,13 @@ def test_model_only_and_exclude_then_resume_with_allow_missing(root: str) -> Non
     assert info.bytes < 40_000
     m2 = tiny_model(1)
     state2 = {"model": m2, "optim": torch.optim.Adam(m2.parameters()), "extra": {"epoch": 0}}
-    with pytest.raises(StateMismatchError, match="missing from the checkpoint: optim"):
-        resume(root, state2)
-    assert resume(root, state2, allow_missing=True) == 1
+    opt_before = snapshot(state2["optim"])
+    with pytest.raises(StateMismatchError, match="required 'optim' is not in this checkpoint"):
+        resume(root, state2, require=["optim"])  # a full resume was asked for: refused, untouched
+    assert_same(snapshot(m2), snapshot(tiny_model(1)))
+    assert resume(root, state2) == 1  # weights only: restores the weights, leaves the rest
     assert_same(snapshot(m2), snapshot(model))
+    assert_same(snapshot(state2["optim"]), opt_before)
     assert state2["extra"]["epoch"] == 0  # not saved, left alone
 
     with AsyncCheckpointer(root + "x", state, exclude=["optim"]) as ck:

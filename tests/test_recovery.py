@@ -74,7 +74,7 @@ def test_sigkill_before_commit_resumes_previous_step(root: str) -> None:
         line = child.stdout.readline()  # type: ignore[union-attr]
         assert line.strip() == "ABOUT_TO_COMMIT", child.stderr.read()  # type: ignore[union-attr]
         # shards and manifest of step 2 are on disk in the temp dir, not yet renamed
-        [tmp] = os.listdir(os.path.join(root, ".tmp"))
+        [tmp] = os.listdir(os.path.join(root, ".tmp"))  # the owner record lives in .owners/, not here
         assert os.path.exists(os.path.join(root, ".tmp", tmp, "manifest.json"))
         child.send_signal(signal.SIGKILL)
     finally:

@@ -338,6 +338,8 @@ def cmd_gc(a: argparse.Namespace) -> int:
     verb = "would remove" if a.dry_run else "removed"
     for path, reason in r.removed:
         print(f"{verb} uncommitted {path}  ({reason})")
+    for path, who in r.in_use:
+        print(f"skipped {path}: a save in progress by a live writer ({who})")
     for path, age in r.young:
         when = "its age is unknown on this storage" if age is None else f"it changed {age:.0f}s ago"
         print(
@@ -370,6 +372,8 @@ def cmd_gc(a: argparse.Namespace) -> int:
         summary += f" (steps {', '.join(map(str, r.kept[:20]))}{', ...' if len(r.kept) > 20 else ''})"
     if r.snapshots:
         summary += f"; {n(r.snapshots, 'snapshot')} untouched"
+    if r.in_use:
+        summary += f"; skipped {n(len(r.in_use), 'save')} in progress"
     if r.young:
         summary += f"; skipped {n(len(r.young), 'recent leftover')} (--min-age)"
     if r.young_uploads:

@@ -16,10 +16,13 @@ class Stat:
         kind: ``"file"``, ``"dir"``, ``"link"`` (a symlink, never followed) or ``"other"``
             (a FIFO, a socket, a device: never opened).
         size: bytes, for a file; 0 otherwise.
+        mtime: last modification, seconds since the epoch (the store's clock on object
+            stores), or None where the backend does not say.
     """
 
     kind: str
     size: int = 0
+    mtime: float | None = None
 
 
 class Storage(Protocol):

@@ -18,8 +18,23 @@ _TRANSIENT_WORDS = (
     "connectionreset", "internalerror", "internal error", "serviceunavailable",
     "service unavailable", "bad gateway", "requesttimeout", "broken pipe", "server disconnected",
     "could not connect", "connection was closed", "endpointconnectionerror", "connectionclosederror",
-    "clientconnectorerror", "clientoserror", "connection refused",
+    "clientconnectorerror", "clientoserror", "connection refused", "reduce your request rate",
 )  # fmt: skip
+
+
+def _mtime(info: dict[str, Any]) -> float | None:
+    """Modification time from an fsspec ``info()`` dict, whatever the backend calls it."""
+    for key in ("LastModified", "mtime", "last_modified", "updated", "created"):
+        v = info.get(key)
+        if v is None:
+            continue
+        if hasattr(v, "timestamp"):
+            return float(v.timestamp())
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            continue
+    return None
 
 
 class FsspecStorage:
@@ -91,6 +106,8 @@ class FsspecStorage:
         if isinstance(exc, (PermissionError, FileNotFoundError, FileExistsError)):
             return False
         if isinstance(exc, (TimeoutError, ConnectionError)):
+            return True
+        if isinstance(exc, OSError) and exc.errno in (errno.EBUSY, errno.EAGAIN):  # s3fs: SlowDown
             return True
         text = f"{type(exc).__name__} {exc}".lower()
         return any(w in text for w in _TRANSIENT_WORDS)
@@ -206,7 +223,7 @@ class FsspecStorage:
             except Exception as e:
                 raise self._wrap("stat", path, e) from e
             kind = {"file": "file", "directory": "dir", "link": "link"}.get(info.get("type"), "other")
-            return Stat(kind, int(info.get("size") or 0) if kind == "file" else 0)
+            return Stat(kind, int(info.get("size") or 0) if kind == "file" else 0, _mtime(info))
 
         return retrying(self, attempt)
 

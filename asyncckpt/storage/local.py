@@ -79,12 +79,12 @@ class LocalStorage:
             raise wrap_os_error("stat", path, e) from e
         mode = st.st_mode
         if stat_mod.S_ISREG(mode):
-            return Stat("file", st.st_size)
+            return Stat("file", st.st_size, st.st_mtime)
         if stat_mod.S_ISDIR(mode):
-            return Stat("dir")
+            return Stat("dir", 0, st.st_mtime)
         if stat_mod.S_ISLNK(mode):
-            return Stat("link")
-        return Stat("other")
+            return Stat("link", 0, st.st_mtime)
+        return Stat("other", 0, st.st_mtime)
 
     def listdir(self, path: str) -> list[str]:
         try:
