@@ -32,9 +32,10 @@ from torch.distributed.checkpoint.metadata import (
 
 from .errors import CorruptCheckpointError
 from .manifest import Chunk, TensorEntry
-from .staging import TensorSlot, host_alias
 
 __all__ = [
+    "TensorSlot",
+    "host_alias",
     "BlobTemplate",
     "blob_template",
     "blob_templates",
@@ -45,6 +46,31 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """Where one tensor lives inside a slot buffer."""
+
+    fqn: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def host_alias(buffer: torch.Tensor, entry: TensorSlot) -> torch.Tensor:
+    """A tensor over ``entry``'s bytes whose storage is exactly those bytes.
+
+    ``torch.save`` of a view would write the whole underlying storage; this alias has a
+    storage of its own (not owning the memory), so only the tensor's bytes are written and
+    nothing is copied.  ``buffer`` must outlive the alias.
+    """
+    if entry.nbytes == 0:
+        return torch.empty(entry.shape, dtype=entry.dtype)
+    raw = (ctypes.c_char * entry.nbytes).from_address(buffer.data_ptr() + entry.offset)
+    flat = torch.frombuffer(raw, dtype=torch.uint8)
+    return flat.view(entry.dtype).view(entry.shape)
 
 
 _HOLE_MIN = 4096  # writes this large inside torch.save are tensor data, never zip headers

@@ -25,7 +25,7 @@ from .errors import CorruptCheckpointError, StorageError
 from .handle import CheckpointInfo
 from .layout import KINDS, Kind
 from .manifest import MAX_MANIFEST_BYTES, Manifest
-from .policy import CheckpointRecord
+from .retention_policy import CheckpointRecord
 from .storage import AtomicRename, Storage, exists, storage_for
 
 __all__ = [

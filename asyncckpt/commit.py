@@ -28,12 +28,11 @@ from typing import Any
 import torch
 
 from . import layout
-from .blob import BlobTemplate, dcp_metadata
+from .blob import BlobTemplate, TensorSlot, dcp_metadata
 from .errors import CheckpointTimeoutError, StepExistsError
 from .handle import CheckpointInfo
 from .manifest import Chunk, Manifest, TensorEntry, dtype_name
 from .request import SaveOutcome, SaveRequest
-from .staging import TensorSlot
 from .storage import AtomicRename, Storage, exists, renames_atomically
 from .writer import write_shards, write_small
 

@@ -10,7 +10,6 @@ side stream that first waits on an event recorded on the compute stream.
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import logging
 import threading
 import time
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from .blob import TensorSlot, host_alias
 from .errors import StagingError
 from .options import StagingOptions
 from .state import FlatState
@@ -32,17 +32,6 @@ log = logging.getLogger("asyncckpt")
 
 ALIGN = 64
 _CASTABLE = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-
-@dataclass(frozen=True)
-class TensorSlot:
-    """Where one tensor lives inside a slot buffer."""
-
-    fqn: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
 
 
 @dataclass(frozen=True)
@@ -79,20 +68,6 @@ class StagingPlan:
             off += (nbytes + ALIGN - 1) // ALIGN * ALIGN
         pinned = any(t.device.type == "cuda" for t in tensors.values())
         return cls(tuple(entries), off, signature, pinned)
-
-
-def host_alias(buffer: torch.Tensor, entry: TensorSlot) -> torch.Tensor:
-    """A tensor over ``entry``'s bytes whose storage is exactly those bytes.
-
-    ``torch.save`` of a view would write the whole underlying storage; this alias has a
-    storage of its own (not owning the memory), so only the tensor's bytes are written and
-    nothing is copied.  ``buffer`` must outlive the alias.
-    """
-    if entry.nbytes == 0:
-        return torch.empty(entry.shape, dtype=entry.dtype)
-    raw = (ctypes.c_char * entry.nbytes).from_address(buffer.data_ptr() + entry.offset)
-    flat = torch.frombuffer(raw, dtype=torch.uint8)
-    return flat.view(entry.dtype).view(entry.shape)
 
 
 class StagingPool:

@@ -20,9 +20,8 @@ from typing import Any, BinaryIO
 import torch
 
 from . import layout
-from .blob import BlobTemplate, raw_bytes
+from .blob import BlobTemplate, TensorSlot, raw_bytes
 from .manifest import Chunk
-from .staging import TensorSlot
 from .storage import Storage, retrying, wrap_os_error
 
 __all__ = ["write_shards", "write_small"]

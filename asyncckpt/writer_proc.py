@@ -128,10 +128,10 @@ def writer_main(conn_in: Connection, conn_out: Connection, parent_pid: int) -> N
 
     import torch
 
+    from .blob import TensorSlot
     from .commit import write_and_commit
     from .executor import TemplateCache
     from .manifest import DTYPES
-    from .staging import TensorSlot
     from .storage import storage_for
 
     torch.set_num_threads(1)  # leave the cores to the trainer

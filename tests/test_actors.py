@@ -545,8 +545,6 @@ def test_resume_in_a_loop_beside_a_pruning_trainer_is_always_exact(
     assert seen == sorted(seen)
 
 
-
-
 def test_verify_all_beside_a_pruning_trainer_never_fails(
     root: str, executor: str, tmp_path: Any, children: list[Child], capsys: pytest.CaptureFixture[str]
 ) -> None:

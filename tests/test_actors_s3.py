@@ -346,8 +346,6 @@ def test_gc_with_min_age_zero_never_removes_a_live_trainers_work(s3) -> None:
     assert in_use >= 0  # informative: how often gc met the trainer's in-flight prefix
 
 
-
-
 @pytest.mark.timeout(60)
 def test_gc_with_min_age_zero_leaves_a_live_trainers_multipart_upload_alone(s3) -> None:
     """A live trainer is uploading step 2's shard in parts (its ``.writer`` marker holds its
@@ -387,10 +385,7 @@ _PROOF_OF_LIFE = {
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(
     "what",
-    [
-        k
-        for k in _PROOF_OF_LIFE
-    ],
+    [k for k in _PROOF_OF_LIFE],
 )
 def test_gc_under_throttling_never_takes_a_live_writers_prefix_for_abandoned(proxied, what: str) -> None:
     """A live writer has step 2 in flight (its ``.writer`` marker holds its token).  When
@@ -418,8 +413,6 @@ def test_gc_under_throttling_never_takes_a_live_writers_prefix_for_abandoned(pro
 
 
 # --------------------------------------------------------------------------- how errors are classified
-
-
 
 
 @pytest.mark.timeout(60)

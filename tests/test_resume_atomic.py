@@ -182,7 +182,6 @@ API = pytest.mark.parametrize("api", ["function", "checkpointer"])
 # ----------------------------------------------------------------------------- 1. selections
 
 
-
 @pytest.mark.parametrize(
     "pattern", ["model.*.bias", "model.0", "optim.state", "optim.state.0", "optim.param_groups"]
 )

@@ -8,9 +8,10 @@ import time
 import pytest
 import torch
 
+from asyncckpt.blob import host_alias
 from asyncckpt.errors import StagingError
 from asyncckpt.options import StagingOptions
-from asyncckpt.staging import ALIGN, Lease, Stager, StagingPlan, StagingPool, copy_into, host_alias
+from asyncckpt.staging import ALIGN, Lease, Stager, StagingPlan, StagingPool, copy_into
 from asyncckpt.state import flatten_state
 
 
