@@ -12,6 +12,7 @@ against reuse); elsewhere, its record was not renewed for ``ttl`` seconds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import uuid
 from dataclasses import asdict, dataclass
 
 from . import layout
-from .storage import AtomicRename, Storage
+from .storage import AtomicRename, Storage, wrap_os_error
 
 __all__ = ["DEFAULT_TTL", "OwnerRecord", "Heartbeat", "new_token", "owners", "owner_of", "is_alive"]
 
@@ -98,11 +99,16 @@ def _write(storage: Storage, root: str, rec: OwnerRecord) -> None:
     storage.makedirs(layout.join(root, layout.OWNERS_DIR))
     if isinstance(storage, AtomicRename):  # a local path: write aside, then rename over
         part = f"{path}.{os.getpid()}.part"
-        with open(part, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(part, path)
+        try:
+            with open(part, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(part, path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.remove(part)
+            raise wrap_os_error("write owner record", path, e) from e
     else:  # an object PUT replaces atomically
         _put(storage, path, data)
 
