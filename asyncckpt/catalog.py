@@ -87,7 +87,7 @@ def step_dirs(storage: Storage, root: str) -> list[tuple[int, Kind, str]]:
             path = layout.join(base, name)
             if isinstance(storage, AtomicRename):  # object stores have no links
                 st = storage.stat(path)
-                if st is None or st.kind == "link":
+                if st is not None and st.kind == "link":  # gone meanwhile: list_in sees it vanish
                     continue
             out.append((step, kind, path))
     return sorted(out, key=lambda t: (t[0], t[1] == Kind.PERMANENT))
