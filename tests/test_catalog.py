@@ -156,14 +156,19 @@ def test_protect_adds_and_rereads(tmp_path):
     root = str(tmp_path)
     storage = LocalStorage()
     assert read_protected(storage, root) == set()
-    assert protect(storage, root, [3]) == {3}
-    # another process adds a step behind our back: protect re-reads, nothing is lost
+    protect(storage, root, [3])
+    assert read_protected(storage, root) == {3}
+    # a 0.1 list file written behind our back: read together with the per-step markers
     path = os.path.join(root, layout.PROTECTED_FILE)
     with open(path, "w") as f:
         json.dump([3, 40], f)
-    assert protect(storage, root, [5, 3]) == {3, 5, 40}
+    protect(storage, root, [5, 3])
     assert read_protected(storage, root) == {3, 5, 40}
-    assert json.load(open(path)) == [3, 5, 40]
+    assert json.load(open(path)) == [3, 40]  # markers are added; the list file is left alone
+    assert sorted(os.listdir(os.path.join(root, layout.PROTECTED_DIR))) == [
+        layout.step_dirname(3),
+        layout.step_dirname(5),
+    ]
     assert [n for n in os.listdir(root) if n.endswith(".tmp")] == []
 
 
@@ -200,8 +205,9 @@ def test_read_protected_ignores_garbage(tmp_path, content, expected):
     path = tmp_path / layout.PROTECTED_FILE
     path.write_bytes(content)
     assert read_protected(LocalStorage(), str(tmp_path)) == expected
-    # protect still works on top of garbage (replacing it)
-    assert protect(LocalStorage(), str(tmp_path), [9]) == expected | {9}
+    # protect still works beside garbage (a marker of its own)
+    protect(LocalStorage(), str(tmp_path), [9])
+    assert read_protected(LocalStorage(), str(tmp_path)) == expected | {9}
 
 
 def test_read_protected_ignores_a_fifo_without_blocking(tmp_path, caplog):
