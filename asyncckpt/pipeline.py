@@ -184,8 +184,10 @@ class Pipeline:
             if isinstance(self.remote, RootCheck):
                 self.remote.check_root(self.remote_root)
             if coordinator:  # uploads in flight on the remote root are this writer's too
-                self.heartbeats.append(
-                    Heartbeat(self.remote, self.remote_root, self.run_id, opts.writer.lease_ttl)
+                self.heartbeats.append(  # a remote that is down now must not stop training
+                    Heartbeat(
+                        self.remote, self.remote_root, self.run_id, opts.writer.lease_ttl, required=False
+                    )
                 )
             self.uploader = Uploader(
                 self.storage, self.remote, self.remote_root, opts.writer.commit_timeout, owner=self.run_id
