@@ -161,63 +161,82 @@ class Pipeline:
         self.heartbeats = (
             [Heartbeat(self.storage, self.root, self.run_id, opts.writer.lease_ttl)] if owns_root else []
         )
-        existing = list_in(self.storage, self.root)
-        if owns_root:  # a crash between deleting an abandoned step and its mark leaves the mark
-            for step in read_abandoned(self.storage, self.root) - {i.step for i in existing}:
-                unabandon(self.storage, self.root, step)
-        self.catalog = Catalog(existing)
-        slots = opts.snapshots.slots if opts.snapshots is not None else 2
-        # one rank deletes from a shared root: rank 0; each rank prunes its own local pieces
-        prunes = coordinator or self.pieces
-        self.pruner = Pruner(
-            self.storage,
-            self.root,
-            self.catalog,
-            opts.keep if prunes else [],
-            slots if prunes else None,
-            self.run_id,
-        )
-        self.telemetry = Telemetry(opts.on_stats)
-        self.inbox = ErrorInbox()
-        remote = None
-        if self.remote is not None and self.remote_root is not None:
-            if isinstance(self.remote, RootCheck):
-                self.remote.check_root(self.remote_root)
-            if coordinator:  # uploads in flight on the remote root are this writer's too
-                self.heartbeats.append(  # a remote that is down now must not stop training
-                    Heartbeat(
-                        self.remote, self.remote_root, self.run_id, opts.writer.lease_ttl, required=False
+        try:  # from here on this process owns the root: a failure must give it back
+            existing = list_in(self.storage, self.root)
+            if owns_root:  # a crash between deleting an abandoned step and its mark leaves the mark
+                for step in read_abandoned(self.storage, self.root) - {i.step for i in existing}:
+                    unabandon(self.storage, self.root, step)
+            self.catalog = Catalog(existing)
+            slots = opts.snapshots.slots if opts.snapshots is not None else 2
+            # one rank deletes from a shared root: rank 0; each rank prunes its own local pieces
+            prunes = coordinator or self.pieces
+            self.pruner = Pruner(
+                self.storage,
+                self.root,
+                self.catalog,
+                opts.keep if prunes else [],
+                slots if prunes else None,
+                self.run_id,
+            )
+            self.telemetry = Telemetry(opts.on_stats)
+            self.inbox = ErrorInbox()
+            remote = None
+            if self.remote is not None and self.remote_root is not None:
+                if isinstance(self.remote, RootCheck):
+                    self.remote.check_root(self.remote_root)
+                if coordinator:  # uploads in flight on the remote root are this writer's too
+                    self.heartbeats.append(  # a remote that is down now must not stop training
+                        Heartbeat(
+                            self.remote, self.remote_root, self.run_id, opts.writer.lease_ttl, required=False
+                        )
                     )
+                self.uploader = Uploader(
+                    self.storage, self.remote, self.remote_root, opts.writer.commit_timeout, owner=self.run_id
                 )
-            self.uploader = Uploader(
-                self.storage, self.remote, self.remote_root, opts.writer.commit_timeout, owner=self.run_id
-            )
-            remote = RemoteTier(self.uploader, self.remote_root)
-            if coordinator:
-                remote.catalog = Catalog(list_in(self.remote, self.remote_root))
-                remote.pruner = Pruner(
-                    self.remote, self.remote_root, remote.catalog, opts.keep, slots, self.run_id
+                remote = RemoteTier(self.uploader, self.remote_root)
+                if coordinator:
+                    remote.catalog = Catalog(list_in(self.remote, self.remote_root))
+                    remote.pruner = Pruner(
+                        self.remote, self.remote_root, remote.catalog, opts.keep, slots, self.run_id
+                    )
+            self.finalizer = Finalizer(self.catalog, self.pruner, self.telemetry, self.inbox, remote)
+            # a crash may have interrupted uploads: finish them (a step of several ranks commits
+            # only if every rank uploads its part, so those are dropped)
+            for info in existing if remote is not None and not self.pieces else ():
+                if info.upload == "pending":
+                    self.finalizer.upload_existing(info)
+            self.scheduler = Scheduler(opts.schedule, opts.snapshots)
+            self.sharder = Sharder(self.dist)
+            process = opts.writer.executor == "process"
+            self.stager = Stager(opts.staging, shared=process, dtype=opts.select.dtype)
+            self.stager.ensure(self.sharder.local(selector.flat()).flat)  # allocate before training
+            self.executor: ThreadExecutor | ProcessExecutor = (
+                ProcessExecutor(
+                    self.root, opts.writer.threads, restart=opts.writer.restart, storage_options=writer_fsspec
                 )
-        self.finalizer = Finalizer(self.catalog, self.pruner, self.telemetry, self.inbox, remote)
-        # a crash may have interrupted uploads: finish them (a step of several ranks commits
-        # only if every rank uploads its part, so those are dropped)
-        for info in existing if remote is not None and not self.pieces else ():
-            if info.upload == "pending":
-                self.finalizer.upload_existing(info)
-        self.scheduler = Scheduler(opts.schedule, opts.snapshots)
-        self.sharder = Sharder(self.dist)
-        process = opts.writer.executor == "process"
-        self.stager = Stager(opts.staging, shared=process, dtype=opts.select.dtype)
-        self.stager.ensure(self.sharder.local(selector.flat()).flat)  # allocate before training
-        self.executor: ThreadExecutor | ProcessExecutor = (
-            ProcessExecutor(
-                self.root, opts.writer.threads, restart=opts.writer.restart, storage_options=writer_fsspec
+                if process
+                else ThreadExecutor(self.storage, opts.writer.threads)
             )
-            if process
-            else ThreadExecutor(self.storage, opts.writer.threads)
-        )
+        except BaseException:
+            self._abandon_construction()
+            raise
         self.version = _version()
         self.closed = False
+
+    def _abandon_construction(self) -> None:
+        """Undo a construction that failed half way: stop what started, drop the owner
+        records, so that a retry (say, with fewer staging buffers) is not refused as busy."""
+        for name in ("executor", "finalizer", "uploader"):
+            part = getattr(self, name, None)
+            if part is not None:
+                try:
+                    part.close()
+                except Exception as e:  # the original error matters more
+                    log.warning("asyncckpt: closing the %s after a failed start: %s", name, e)
+        if getattr(self, "stager", None) is not None:
+            self.stager.close()
+        for hb in self.heartbeats:
+            hb.stop()
 
     def _busy(self, storage: Storage, root: str) -> str | None:
         """Why another writer owns ``root`` now, or None."""

@@ -284,3 +284,25 @@ def test_all_is_complete() -> None:
         assert getattr(asyncckpt, name) is not None
     for name in ["AsyncCheckpointer", "SaveHandle", "CheckpointInfo", "list_checkpoints", "resume"]:
         assert name in asyncckpt.__all__
+
+
+def test_a_failed_construction_gives_the_root_back(root: str, monkeypatch) -> None:
+    """A start that fails half way (here: no host memory for the buffers) leaves no owner
+    record and no thread behind, so the retry is not refused as a second writer."""
+    from asyncckpt.errors import StagingError
+    from asyncckpt.staging import Stager
+
+    real = Stager.ensure
+
+    def no_memory(self, flat):  # type: ignore[no-untyped-def]
+        raise StagingError("could not allocate the staging buffers (injected)")
+
+    threads = threading.active_count()
+    monkeypatch.setattr(Stager, "ensure", no_memory)
+    with pytest.raises(StagingError):
+        AsyncCheckpointer(root, _state())
+    assert os.listdir(os.path.join(root, ".owners")) == []
+    assert threading.active_count() == threads
+    monkeypatch.setattr(Stager, "ensure", real)
+    with AsyncCheckpointer(root, _state()) as ck:  # not a RootBusyError
+        ck.save_async(1).result()
