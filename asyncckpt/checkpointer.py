@@ -11,6 +11,7 @@ from typing import Any
 from .errors import ConfigError
 from .handle import SaveHandle
 from .options import (
+    Options,
     ScheduleOptions,
     SelectOptions,
     SnapshotOptions,
@@ -20,9 +21,10 @@ from .options import (
     as_retention,
     from_legacy,
 )
-from .pipeline import NullPipeline, Options, Pipeline, Selector
+from .pipeline import NullPipeline, Pipeline
 from .policy import RetentionPolicy, SavePolicy
 from .schedule import encode_metrics
+from .state import Selector
 from .storage import is_url
 
 __all__ = ["AsyncCheckpointer"]

@@ -39,6 +39,7 @@ __all__ = [
     "StagingOptions",
     "WriterOptions",
     "StorageOptions",
+    "Options",
     "as_retention",
     "from_legacy",
 ]
@@ -257,6 +258,20 @@ class StorageOptions:
             raise ConfigError(f"StorageOptions: fsspec must be a dict of fsspec options, got {self.fsspec!r}")
         if self.local_dir is not None and not isinstance(self.local_dir, (str, os.PathLike)):
             raise ConfigError(f"StorageOptions: local_dir must be a directory path, got {self.local_dir!r}")
+
+
+@dataclass(frozen=True)
+class Options:
+    """Every option group of a checkpointer, resolved (defaults filled in)."""
+
+    schedule: ScheduleOptions
+    keep: list[RetentionPolicy]
+    snapshots: SnapshotOptions | None
+    select: SelectOptions
+    staging: StagingOptions
+    writer: WriterOptions
+    storage: StorageOptions
+    on_stats: Any = None
 
 
 def as_retention(keep: Any) -> list[RetentionPolicy]:

@@ -24,7 +24,6 @@ import concurrent.futures
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from . import distributed, layout
@@ -34,24 +33,17 @@ from .executor import ProcessExecutor, ThreadExecutor
 from .finalize import Finalizer, RemoteTier
 from .handle import ErrorInbox, SaveHandle
 from .layout import Kind
-from .manifest import DTYPE_NAMES
 from .options import (
-    ScheduleOptions,
-    SelectOptions,
-    SnapshotOptions,
-    StagingOptions,
-    StorageOptions,
-    WriterOptions,
+    Options,
 )
 from .ownership import Heartbeat, is_alive, new_token, owners
-from .policy import RetentionPolicy
 from .pruner import Pruner, sweep_tmp
 from .request import SaveRequest
 from .resume import resume_in
 from .schedule import Scheduler
 from .sharding import Sharder
 from .staging import Stager
-from .state import FlatState, flatten_state, select_state
+from .state import Selector
 from .storage import RootCheck, Storage, storage_for
 from .telemetry import Telemetry
 from .upload import Uploader
@@ -68,54 +60,6 @@ def _version() -> str:
         return version("asyncckpt")
     except Exception:
         return "0"
-
-
-@dataclass(frozen=True)
-class Options:
-    """Every option group, resolved (defaults filled in)."""
-
-    schedule: ScheduleOptions
-    keep: list[RetentionPolicy]
-    snapshots: SnapshotOptions | None
-    select: SelectOptions
-    staging: StagingOptions
-    writer: WriterOptions
-    storage: StorageOptions
-    on_stats: Any = None
-
-
-class Selector:
-    """The live state, flattened and cut to the selection."""
-
-    def __init__(self, state: dict[str, Any], select: SelectOptions) -> None:
-        self.select = select
-        self.state = state
-
-    @property
-    def state(self) -> dict[str, Any]:
-        return self._state
-
-    @state.setter
-    def state(self, state: dict[str, Any]) -> None:
-        self.include, self.exclude = self.select.patterns(state)
-        self._state = state
-
-    def recorded(self) -> dict[str, Any] | None:
-        """The selection as the manifest records it; None when everything is saved as is."""
-        dtype = self.select.dtype
-        if self.include is None and not self.exclude and dtype is None:
-            return None
-        return {
-            "include": self.include,
-            "exclude": self.exclude,
-            "cast": DTYPE_NAMES[dtype] if dtype is not None else None,
-        }
-
-    def flat(self) -> FlatState:
-        flat = flatten_state(self.state)
-        if self.include is not None or self.exclude:
-            flat = select_state(flat, self.include, self.exclude)
-        return flat
 
 
 class Pipeline:

@@ -11,14 +11,19 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import ConfigError, UnsupportedStateError
 from .manifest import DTYPE_NAMES, dtype_name
 
-__all__ = ["FlatState", "flatten_state", "select_state", "is_stateful", "matches", "selected", "tensor_fqns"]
+if TYPE_CHECKING:
+    from .options import SelectOptions
+
+__all__ = [
+    "FlatState", "flatten_state", "select_state", "is_stateful", "matches", "selected", "tensor_fqns", "Selector"
+]  # fmt: skip
 
 _PLAIN = (bool, int, float, str, type(None))
 
@@ -185,3 +190,37 @@ def tensor_fqns(node: dict[str, Any]) -> set[str]:
     if kind in ("list", "tuple"):
         return set().union(*(tensor_fqns(c) for c in node["items"]))
     return set()
+
+
+class Selector:
+    """The live state, flattened and cut to the selection."""
+
+    def __init__(self, state: dict[str, Any], select: SelectOptions) -> None:
+        self.select = select
+        self.state = state
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return self._state
+
+    @state.setter
+    def state(self, state: dict[str, Any]) -> None:
+        self.include, self.exclude = self.select.patterns(state)
+        self._state = state
+
+    def recorded(self) -> dict[str, Any] | None:
+        """The selection as the manifest records it; None when everything is saved as is."""
+        dtype = self.select.dtype
+        if self.include is None and not self.exclude and dtype is None:
+            return None
+        return {
+            "include": self.include,
+            "exclude": self.exclude,
+            "cast": DTYPE_NAMES[dtype] if dtype is not None else None,
+        }
+
+    def flat(self) -> FlatState:
+        flat = flatten_state(self.state)
+        if self.include is not None or self.exclude:
+            flat = select_state(flat, self.include, self.exclude)
+        return flat
