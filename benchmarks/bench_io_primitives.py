@@ -71,6 +71,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks.bench_resume import resident_bytes
+
 MiB = 1 << 20
 GiB = 1 << 30
 PAGE = mmap.PAGESIZE
@@ -80,17 +82,6 @@ TAIL_EXTRA = 12345  # bytes past a 4096 multiple, for the tail tests
 TAIL_BASE = 32 * MiB
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 _libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 SFR_WAIT_BEFORE, SFR_WRITE, SFR_WAIT_AFTER = 1, 2, 4
 
@@ -132,25 +123,12 @@ def _status_kib(key: str) -> int:
 
 
 def _resident_fraction(path: str) -> float | None:
-    """Fraction of the file's pages in the page cache (mincore on a shared read-only mapping)."""
+    """Fraction of the file's pages in the page cache (bench_resume's mincore probe)."""
     size = os.path.getsize(path)
     if size == 0:
         return 0.0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if addr is None or addr == ctypes.c_void_p(-1).value:
-            return None
-        try:
-            pages = (size + PAGE - 1) // PAGE
-            vec = (ctypes.c_ubyte * pages)()
-            if _libc.mincore(addr, size, vec) != 0:
-                return None
-            return float((np.frombuffer(vec, dtype=np.uint8) & 1).sum()) / pages
-        finally:
-            _libc.munmap(addr, size)
-    finally:
-        os.close(fd)
+    resident = resident_bytes(path)
+    return None if resident is None else resident / size
 
 
 def _drop_file_cache(path: str) -> None:
