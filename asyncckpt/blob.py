@@ -15,7 +15,6 @@ import io
 import struct
 import uuid
 import zipfile
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +29,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from .checksum import checksum
 from .errors import CorruptCheckpointError
 from .manifest import Chunk, TensorEntry
 
@@ -274,15 +274,15 @@ def read_chunk_into(f: Any, chunk: Chunk, out: torch.Tensor, where: str) -> None
     head_len = chunk.data_offset - chunk.offset
     tail_len = chunk.offset + chunk.length - chunk.data_offset - chunk.nbytes
     f.seek(chunk.offset)
-    crc = zlib.crc32(_read_exact(f, head_len, where))
+    crc = checksum(chunk.algo, _read_exact(f, head_len, where))
     if chunk.nbytes:
         raw = (ctypes.c_char * chunk.nbytes).from_address(out.data_ptr())
         mv = memoryview(raw).cast("B")
         _readinto(f, mv, where)
-        crc = zlib.crc32(mv, crc)
-    crc = zlib.crc32(_read_exact(f, tail_len, where), crc)
-    if crc != chunk.crc32:
+        crc = checksum(chunk.algo, mv, crc)
+    crc = checksum(chunk.algo, _read_exact(f, tail_len, where), crc)
+    if crc != chunk.crc:
         raise CorruptCheckpointError(
-            f"{where}: checksum mismatch (crc32 {crc:#010x}, manifest says {chunk.crc32:#010x}); "
+            f"{where}: checksum mismatch ({chunk.algo} {crc:#010x}, manifest says {chunk.crc:#010x}); "
             "the file is corrupt"
         )

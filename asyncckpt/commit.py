@@ -28,8 +28,9 @@ from typing import Any
 import torch
 
 from . import layout
-from .blob import BlobTemplate, TensorSlot, dcp_metadata
+from .blob import TensorSlot, dcp_metadata
 from .errors import CheckpointTimeoutError, StepExistsError
+from .file_layout import FileImage
 from .handle import CheckpointInfo
 from .manifest import Chunk, Manifest, TensorEntry, dtype_name
 from .request import SaveOutcome, SaveRequest
@@ -61,17 +62,19 @@ def write_and_commit(
     storage: Storage,
     req: SaveRequest,
     entries: Sequence[TensorSlot],
+    files: Sequence[FileImage],
     buffer: torch.Tensor,
     pool: ThreadPoolExecutor | None,
-    n_files: int,
-    templates: dict[str, BlobTemplate],
     on_shards_written: Callable[[], None] | None = None,
     should_abort: Callable[[], bool] | None = None,
+    pace: Callable[[int], None] | None = None,
 ) -> SaveOutcome:
-    """Write ``req``'s shards from the slot (``entries`` in ``buffer``) and commit the step.
+    """Write ``req``'s shards from the slot (``files`` laid out in ``buffer``, tensors at
+    ``entries``) and commit the step.
 
     ``on_shards_written`` runs once the slot's bytes are durable (the slot may be reused);
-    ``should_abort`` is polled between phases (a writer process whose trainer died).
+    ``should_abort`` is polled between phases (a writer process whose trainer died);
+    ``pace`` caps the bandwidth of shard writes.
     """
     t0 = time.perf_counter()
     final = layout.join(req.root, layout.step_dirname(req.step))
@@ -93,7 +96,7 @@ def write_and_commit(
         # the prefix is the step's final name: say whose it is, so gc leaves it alone
         write_small(storage, layout.join(tmp, layout.WRITER_MARKER), req.run_id.encode())
     try:
-        chunks, files = write_shards(storage, tmp, entries, buffer, req.rank, pool, n_files, templates)
+        chunks, written = write_shards(storage, tmp, files, entries, buffer, req.rank, pool, pace=pace)
         if on_shards_written is not None:
             on_shards_written()  # the staging slot may be reused from here on
         _check_abort(should_abort, req.step)
@@ -110,11 +113,11 @@ def write_and_commit(
             for e in entries
         }
         if several:
-            write_done_record(storage, tmp, req.rank, tensors, files, req.run_id)
+            write_done_record(storage, tmp, req.rank, tensors, written, req.run_id)
             if req.rank != 0:
-                return _await_commit(storage, req, final, t0, t_written, files, should_abort)
-            own_bytes = sum(f["size"] for f in files.values())
-            tensors, files = gather_done_records(
+                return _await_commit(storage, req, final, t0, t_written, written, should_abort)
+            own_bytes = sum(f["size"] for f in written.values())
+            tensors, written = gather_done_records(
                 storage, tmp, req.step, req.world_size, req.commit_timeout, should_abort, req.run_id
             )
         manifest = Manifest(
@@ -122,7 +125,7 @@ def write_and_commit(
             world_size=req.world_size,
             created_at=time.time(),
             tensors=tensors,
-            files=files,
+            files=written,
             state={} if piece else req.tree,  # a piece's tree may name other ranks' tensors
             metrics=req.metrics,
             library_version=req.library_version,
@@ -267,7 +270,7 @@ def gather_done_records(
         files.update(records[r]["files"])
         for fqn, t in records[r]["tensors"].items():
             entry = tensors.setdefault(fqn, TensorEntry(dtype=t["dtype"], shape=list(t["shape"]), chunks=[]))
-            entry.chunks += [Chunk(**c) for c in t["chunks"]]
+            entry.chunks += [Chunk.from_json(c) for c in t["chunks"]]
     for entry in tensors.values():
         entry.chunks.sort(key=lambda c: c.offsets)
     return tensors, files

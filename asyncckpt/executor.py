@@ -18,6 +18,7 @@ typed message crosses the process boundary.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import queue
@@ -30,34 +31,19 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
-import torch
-
 from . import writer_proc as msgs
-from .blob import BlobTemplate, blob_templates
 from .commit import write_and_commit
 from .errors import WriterDiedError
 from .manifest import dtype_name
+from .options import WriterOptions
+from .priority import Pacer, lower_priority
 from .request import SaveOutcome, SaveRequest
 from .staging import Lease
 from .storage import Storage
 
-__all__ = ["ThreadExecutor", "ProcessExecutor", "TemplateCache"]
+__all__ = ["ThreadExecutor", "ProcessExecutor"]
 
 log = logging.getLogger("asyncckpt")
-
-
-class TemplateCache:
-    """Blob templates of the current plan, built on its first write (in the writer)."""
-
-    def __init__(self) -> None:
-        self.generation = -1
-        self.templates: dict[str, BlobTemplate] = {}
-
-    def get(self, generation: int, entries: Any, buffer: torch.Tensor) -> dict[str, BlobTemplate]:
-        if generation != self.generation:
-            self.templates = blob_templates(entries, buffer)
-            self.generation = generation
-        return self.templates
 
 
 @dataclass
@@ -86,11 +72,14 @@ class _Job:
 class ThreadExecutor:
     """A single background writer thread in the trainer process; saves run in order."""
 
-    def __init__(self, storage: Storage, threads: int) -> None:
+    def __init__(self, storage: Storage, opts: WriterOptions) -> None:
         self.storage = storage
-        self.threads = threads
-        self._files = ThreadPoolExecutor(threads, "asyncckpt-io") if threads > 1 else None
-        self._templates = TemplateCache()
+        self.opts = opts
+        lower = functools.partial(lower_priority, opts.cpu_nice, opts.io_priority)
+        self._files = (
+            ThreadPoolExecutor(opts.threads, "asyncckpt-io", initializer=lower) if opts.threads > 1 else None
+        )
+        self._pace = Pacer(opts.max_bandwidth) if opts.max_bandwidth else None
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="asyncckpt-writer", daemon=True)
         self._thread.start()
@@ -118,20 +107,21 @@ class ThreadExecutor:
             self._files.shutdown(wait=True)
 
     def _loop(self) -> None:
+        lower_priority(self.opts.cpu_nice, self.opts.io_priority)  # this thread (and its helpers) only
         while (job := self._queue.get()) is not None:
             try:
                 job.lease.staged.result()
                 job.queue_wait_s = time.perf_counter() - job.submitted
-                entries, buf = job.lease.pool.plan.entries, job.lease.buffer
+                plan = job.lease.pool.plan
                 out = write_and_commit(
                     self.storage,
                     job.request,
-                    entries,
-                    buf,
+                    plan.entries,
+                    plan.files,
+                    job.lease.buffer,
                     self._files,
-                    self.threads,
-                    self._templates.get(job.lease.generation, entries, buf),
                     on_shards_written=job.release,
+                    pace=self._pace,
                 )
             except BaseException as e:
                 job.fail(e)
@@ -148,10 +138,10 @@ class ProcessExecutor:
     START_TIMEOUT = 120.0
 
     def __init__(
-        self, root: str, threads: int, *, restart: bool = True, storage_options: dict[str, Any] | None = None
+        self, root: str, opts: WriterOptions, *, storage_options: dict[str, Any] | None = None
     ) -> None:
-        self._config = msgs.Config(root, threads, storage_options)
-        self.restart = restart
+        self._config = msgs.Config(root, opts, storage_options)
+        self.restart = opts.restart
         self._lock = threading.Lock()  # guards _inflight and _notices
         self._send_lock = threading.RLock()  # orders sends, plans and restarts
         self._send_failed = False
@@ -257,7 +247,7 @@ class ProcessExecutor:
         if names is None:
             raise RuntimeError("the process executor needs a shared-memory staging pool")
         entries = [(e.fqn, dtype_name(e.dtype), e.shape, e.offset, e.nbytes) for e in lease.pool.plan.entries]
-        return msgs.Plan(lease.generation, names, entries)
+        return msgs.Plan(lease.generation, names, entries, lease.pool.plan.files)
 
     def _dispatch(self) -> None:
         while (job := self._outbox.get()) is not None:

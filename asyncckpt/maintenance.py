@@ -23,6 +23,7 @@ from .catalog import (
     read_manifest,
     read_protected,
 )
+from .checksum import ALGORITHMS
 from .errors import (
     AsyncCheckpointError,
     CheckpointNotFoundError,
@@ -212,7 +213,7 @@ def state_summary(m: Manifest) -> tuple[dict[str, Any], dict[str, str]]:
 def verify_bytes(m: Manifest) -> int:
     """Bytes ``verify`` reports progress for (files without a whole-file crc)."""
     return sum(
-        c.length for t in m.tensors.values() for c in t.chunks if "crc32" not in m.files.get(c.file, {})
+        c.length for t in m.tensors.values() for c in t.chunks if not set(ALGORITHMS) & set(m.files.get(c.file, {}))
     )
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .checksum import ALGORITHMS
 from .errors import CorruptCheckpointError, UnsupportedStateError
 
 SCHEMA_VERSION = 1
@@ -56,10 +57,20 @@ class Chunk:
     length: int  # length of that blob
     data_offset: int  # absolute file offset of the raw little-endian bytes inside the blob
     nbytes: int
-    crc32: int  # of the whole blob [offset, offset + length)
+    crc: int  # of the whole blob [offset, offset + length), by ``algo``
+    algo: str = "crc32"  # checksum.ALGORITHMS; the JSON key of ``crc``
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        out = {k: v for k, v in self.__dict__.items() if k not in ("crc", "algo")}
+        out[self.algo] = self.crc
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Chunk:
+        """The inverse of :meth:`to_json` for trusted input (a rank's own done record)."""
+        fields = dict(d)
+        algo = next(a for a in ALGORITHMS if a in fields)
+        return cls(**{k: v for k, v in fields.items() if k not in ALGORITHMS}, crc=fields[algo], algo=algo)
 
 
 @dataclass
@@ -208,8 +219,9 @@ class _Parser:
             if not isinstance(info, dict):
                 raise self.fail(f"files[{name!r}]: expected an object")
             entry = {"size": self.nonneg(info, "size", f"files[{name!r}]")}
-            if "crc32" in info:
-                entry["crc32"] = self.nonneg(info, "crc32", f"files[{name!r}]")
+            algo = self.algo(info, f"files[{name!r}]", required=False)
+            if algo is not None:
+                entry[algo] = self.nonneg(info, algo, f"files[{name!r}]")
             files[name] = entry
         tensors: dict[str, TensorEntry] = {}
         for fqn, t in self.get(doc, "tensors", dict, "manifest").items():
@@ -237,6 +249,15 @@ class _Parser:
             piece=piece,
             selection=self.selection(doc["selection"]) if "selection" in doc else None,
         )
+
+    def algo(self, obj: dict[str, Any], ctx: str, *, required: bool) -> str | None:
+        """The one checksum algorithm ``obj`` records (its key), or None if optional and absent."""
+        found = [a for a in ALGORITHMS if a in obj]
+        if len(found) > 1:
+            raise self.fail(f"{ctx}: more than one checksum ({', '.join(found)})")
+        if not found and required:
+            raise self.fail(f"{ctx}: missing a checksum (one of {', '.join(ALGORITHMS)})")
+        return found[0] if found else None
 
     def selection(self, sel: Any) -> dict[str, Any]:
         if not isinstance(sel, dict):
@@ -281,8 +302,10 @@ class _Parser:
                 length=self.nonneg(c, "length", cctx),
                 data_offset=self.nonneg(c, "data_offset", cctx),
                 nbytes=self.nonneg(c, "nbytes", cctx),
-                crc32=self.nonneg(c, "crc32", cctx),
+                crc=0,
             )
+            chunk.algo = self.algo(c, cctx, required=True) or "crc32"
+            chunk.crc = self.nonneg(c, chunk.algo, cctx)
             if len(chunk.offsets) != len(shape) or len(chunk.sizes) != len(shape):
                 raise self.fail(f"{cctx}: rank does not match the tensor's shape {shape}")
             if any(o + s > d for o, s, d in zip(chunk.offsets, chunk.sizes, shape)):

@@ -31,6 +31,7 @@ import torch
 
 from .errors import ConfigError
 from .policy import EveryNSteps, KeepLast, Never, RetentionPolicy, SavePolicy
+from .priority import IO_PRIORITIES
 
 __all__ = [
     "ScheduleOptions",
@@ -208,6 +209,19 @@ class WriterOptions:
             owner record counts as gone (its in-flight work may then be swept).
         exit_timeout: how long the drain at interpreter exit waits for saves in flight
             before it gives up (logging the steps it lost); None waits for ever.
+        direct_io: local disks: write shard files with ``O_DIRECT`` (no page cache, a tenth
+            of the CPU). None tries it and falls back to buffered writes where the
+            filesystem refuses it (logged once); False never; True requires it.
+        nice: how much to lower the writer's CPU priority (0..19). None: 10 for a writer
+            process, 0 for a writer thread (a lowered thread that holds the GIL would hold
+            up the trainer).
+        io_priority: the writer's I/O priority: ``"normal"``, ``"low"`` (best effort, lowest
+            level; the default) or ``"idle"`` (only when the disk is otherwise idle: the
+            least interference, but a busy disk can delay a checkpoint without bound).
+            Honoured by the BFQ I/O scheduler only.
+        max_bandwidth: a cap on the writer's bytes per second, or None.  A checkpoint then
+            takes at least its size / cap to become durable, and holds its staging slot as
+            long.
     """
 
     executor: str = "thread"
@@ -217,6 +231,17 @@ class WriterOptions:
     takeover: bool = False
     lease_ttl: float = 60.0
     exit_timeout: float | None = 600.0
+    direct_io: bool | None = None
+    nice: int | None = None
+    io_priority: str = "low"
+    max_bandwidth: float | None = None
+
+    @property
+    def cpu_nice(self) -> int:
+        """``nice`` with its default resolved for the executor."""
+        if self.nice is not None:
+            return self.nice
+        return 10 if self.executor == "process" else 0
 
     def __post_init__(self) -> None:
         if self.executor not in ("thread", "process"):
@@ -232,6 +257,21 @@ class WriterOptions:
                 raise ConfigError(f"WriterOptions: {name} must be seconds > 0, got {v!r}")
         if not isinstance(self.takeover, bool):
             raise ConfigError(f"WriterOptions: takeover must be True or False, got {self.takeover!r}")
+        if self.direct_io not in (None, True, False):
+            raise ConfigError(f"WriterOptions: direct_io must be None, True or False, got {self.direct_io!r}")
+        if self.nice is not None and (
+            isinstance(self.nice, bool) or not isinstance(self.nice, int) or not 0 <= self.nice <= 19
+        ):
+            raise ConfigError(f"WriterOptions: nice must be None or an int in 0..19, got {self.nice!r}")
+        if self.io_priority not in IO_PRIORITIES:
+            raise ConfigError(
+                f"WriterOptions: io_priority must be one of {', '.join(IO_PRIORITIES)}, got {self.io_priority!r}"
+            )
+        bw = self.max_bandwidth
+        if bw is not None and (isinstance(bw, bool) or not isinstance(bw, (int, float)) or not bw >= 1):
+            raise ConfigError(
+                f"WriterOptions: max_bandwidth must be None or bytes per second >= 1 (e.g. 200e6), got {bw!r}"
+            )
 
 
 @dataclass(frozen=True)

@@ -72,9 +72,10 @@ class Pipeline:
         st = opts.storage
         if st.local_dir is not None:  # root is the remote tier; saves land locally first
             self.remote_root, self.root = self.root, os.path.abspath(os.fspath(st.local_dir))
-        backend: Storage = st.backend or storage_for(self.remote_root or self.root, st.fsspec)
+        direct = opts.writer.direct_io
+        backend: Storage = st.backend or storage_for(self.remote_root or self.root, st.fsspec, direct_io=direct)
         self.remote: Storage | None = backend if self.remote_root else None
-        self.storage: Storage = storage_for(self.root) if self.remote_root else backend
+        self.storage: Storage = storage_for(self.root, direct_io=direct) if self.remote_root else backend
         writer_fsspec = None if self.remote_root else st.fsspec  # the writer sees the local tier only
         self.dist = distributed.current()
         # several ranks with a local-first tier: each rank keeps its own part of every step in
@@ -152,14 +153,12 @@ class Pipeline:
             self.scheduler = Scheduler(opts.schedule, opts.snapshots)
             self.sharder = Sharder(self.dist)
             process = opts.writer.executor == "process"
-            self.stager = Stager(opts.staging, shared=process, dtype=opts.select.dtype)
+            self.stager = Stager(opts.staging, shared=process, dtype=opts.select.dtype, files=opts.writer.threads)
             self.stager.ensure(self.sharder.local(selector.flat()).flat)  # allocate before training
             self.executor: ThreadExecutor | ProcessExecutor = (
-                ProcessExecutor(
-                    self.root, opts.writer.threads, restart=opts.writer.restart, storage_options=writer_fsspec
-                )
+                ProcessExecutor(self.root, opts.writer, storage_options=writer_fsspec)
                 if process
-                else ThreadExecutor(self.storage, opts.writer.threads)
+                else ThreadExecutor(self.storage, opts.writer)
             )
         except BaseException:
             self._abandon_construction()

@@ -9,7 +9,6 @@ resharding when the live tensors are laid out differently from the saved chunks.
 
 from __future__ import annotations
 
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -20,7 +19,9 @@ from torch.distributed.checkpoint.storage import StorageReader
 
 from . import layout
 from .blob import dcp_metadata, read_chunk_into
+from .checksum import ALGORITHMS, checksum
 from .errors import CorruptCheckpointError
+from .file_layout import BLOB_ALIGN
 from .manifest import Chunk, Manifest
 from .storage import RangedReads, Storage
 
@@ -208,14 +209,16 @@ def verify_files(storage: Storage, directory: str, manifest: Manifest, progress:
     for name, info in manifest.files.items():
         path = layout.join(directory, name)
         chunks = sorted(per_file.get(name, []), key=lambda cd: cd[0].offset)
-        if "crc32" in info:
+        algo = next((a for a in ALGORITHMS if a in info), None)
+        if algo is not None:  # a small file with a whole-file checksum
             data = storage.read_bytes(path)
-            if zlib.crc32(data) != info["crc32"]:
+            if checksum(algo, data) != info[algo]:
                 problems.append(f"{path}: checksum mismatch")
             continue
         pos = 0
         for c, _ in chunks:
-            if c.offset != pos:
+            # blobs follow each other, each on a 64-byte boundary (file_layout's padding)
+            if not (c.offset == pos or (pos < c.offset < pos + BLOB_ALIGN and c.offset % BLOB_ALIGN == 0)):
                 problems.append(f"{path}: bytes {pos}..{c.offset} are not covered by any tensor")
                 break
             pos = c.offset + c.length

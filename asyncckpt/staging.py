@@ -1,7 +1,7 @@
 """Host staging: buffers allocated once and reused, and the copy into them.
 
-The pool holds ``slots`` flat byte buffers, each big enough for one snapshot of the state's
-tensors (64-byte aligned, so every dtype view is aligned).  Buffers are allocated and touched
+The pool holds ``slots`` flat byte buffers, each laid out as this rank's shard files
+(``file_layout``: page-aligned files, 64-byte aligned tensor data, headers already in place).  Buffers are allocated and touched
 once, up front, so a save never pays for allocation or page faults: that is the stall the
 library exists to remove.  With CUDA tensors the buffers are pinned and the copy runs on a
 side stream that first waits on an event recorded on the compute stream.
@@ -23,6 +23,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .blob import TensorSlot, host_alias
 from .errors import StagingError
+from .file_layout import PAGE, FileImage, FileLayout, lay_out
 from .options import StagingOptions
 from .state import FlatState
 
@@ -30,18 +31,23 @@ __all__ = ["TensorSlot", "StagingPlan", "StagingPool", "Lease", "Stager", "copy_
 
 log = logging.getLogger("asyncckpt")
 
-ALIGN = 64
 _CASTABLE = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
 class StagingPlan:
-    """The layout of one snapshot in a slot; depends only on the state's structure."""
+    """The layout of one snapshot in a slot; depends only on the state's structure.
+
+    A slot holds this rank's shard files byte for byte (``file_layout``): ``entries`` say
+    where each tensor's bytes go, ``files`` where each file lies.
+    """
 
     entries: tuple[TensorSlot, ...]
     total_bytes: int
     signature: tuple[object, ...]
     needs_pinned: bool
+    files: tuple[FileImage, ...] = ()
+    layout: FileLayout | None = None
 
     @classmethod
     def from_tensors(
@@ -49,9 +55,11 @@ class StagingPlan:
         tensors: Mapping[str, torch.Tensor],
         signature: tuple[object, ...],
         cast: torch.dtype | None = None,
+        files: int = 1,
     ) -> StagingPlan:
-        """Lay out ``tensors``; with ``cast``, wider floating tensors are staged in that dtype."""
-        entries, off = [], 0
+        """Lay out ``tensors`` as ``files`` shard files; with ``cast``, wider floating
+        tensors are staged in that dtype."""
+        specs = []
         for fqn, t in tensors.items():
             dtype = t.dtype
             if (
@@ -63,11 +71,10 @@ class StagingPlan:
                 # copy_ converts while staging; the live tensor is untouched.  Scalars (an
                 # optimizer's step count) stay exact: 257 in bf16 would be 256
                 dtype = cast
-            nbytes = t.numel() * dtype.itemsize
-            entries.append(TensorSlot(fqn, dtype, tuple(t.shape), off, nbytes))
-            off += (nbytes + ALIGN - 1) // ALIGN * ALIGN
+            specs.append((fqn, dtype, tuple(t.shape)))
+        lay = lay_out(specs, files)
         pinned = any(t.device.type == "cuda" for t in tensors.values())
-        return cls(tuple(entries), off, signature, pinned)
+        return cls(lay.entries, lay.total_bytes, signature, pinned, lay.files, lay)
 
 
 class StagingPool:
@@ -78,7 +85,7 @@ class StagingPool:
         self.slots = slots
         self._buffers: list[torch.Tensor] = []
         self._segments: list[Any] = []  # named shared memory, when a writer process maps it
-        size = max(plan.total_bytes, ALIGN)
+        size = max(plan.total_bytes, PAGE)
         pin = plan.needs_pinned and torch.cuda.is_available()
         try:
             for _ in range(slots):
@@ -90,9 +97,13 @@ class StagingPool:
                     buf = torch.frombuffer(seg.buf, dtype=torch.uint8)
                     if pin:  # page-lock the shared mapping so CUDA copies into it are async
                         torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), size, 0)
-                else:
-                    buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+                else:  # page-aligned, as direct I/O needs (shared memory is already)
+                    raw = torch.empty(size + PAGE, dtype=torch.uint8, pin_memory=pin)
+                    skip = -raw.data_ptr() % PAGE
+                    buf = raw[skip : skip + size]
                 buf.zero_()  # fault every page in now, not during the first save
+                if plan.layout is not None:
+                    plan.layout.fill(buf)  # the blobs' prefixes and suffixes, once per slot
                 self._buffers.append(buf)
         except (RuntimeError, OSError) as e:
             self.close()
@@ -235,8 +246,11 @@ class Stager:
     for it (on CUDA-only state the GPU waits, not the CPU).
     """
 
-    def __init__(self, opts: StagingOptions, *, shared: bool, dtype: torch.dtype | None) -> None:
+    def __init__(
+        self, opts: StagingOptions, *, shared: bool, dtype: torch.dtype | None, files: int = 1
+    ) -> None:
         self.opts = opts
+        self.files = files  # shard files per rank: the slot is laid out as these files
         self.shared = shared  # a writer process maps the buffers: named shared memory
         self.dtype = dtype
         self.pool: StagingPool | None = None
@@ -260,7 +274,7 @@ class Stager:
             self.pool.wait_idle()
             self.pool.close()
             self.pool = None
-        plan = StagingPlan.from_tensors(flat.tensors, sig, cast=self.dtype)
+        plan = StagingPlan.from_tensors(flat.tensors, sig, cast=self.dtype, files=self.files)
         self.pool = StagingPool(plan, self.opts.max_inflight, shared=self.shared)
         self.generation += 1
         if self._stream is None and plan.needs_pinned and torch.cuda.is_available():

@@ -1,183 +1,161 @@
-"""Shard files from a staging slot: the bytes of one rank's tensors, with their checksums.
+"""Shard files from a staging slot: this rank's files, written whole, with their checksums.
 
-Each file is a run of DCP-compatible blobs (``blob.BlobTemplate`` around the raw bytes),
-written straight from the slot through a zero-copy view.  The crc32 of each blob is
-computed as the bytes go out, on a helper thread for large tensors, so a file costs
-max(write, crc) rather than their sum.  This module knows nothing of commits or naming
-beyond the shard file names.
+A slot already holds every shard file byte for byte (``file_layout``), so writing a file is
+handing one page-aligned range of memory to the storage: ``O_DIRECT`` in a few large writes
+on local disks, parallel multipart parts on S3, a plain stream of writes elsewhere.  Each
+blob's checksum is computed from the same memory on a helper thread while the write runs
+(both release the GIL), so a file costs max(write, checksum), not their sum, and nothing is
+read back.  This module knows nothing of commits or naming beyond the shard file names.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
-import io
 import threading
-import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
 from . import layout
-from .blob import BlobTemplate, TensorSlot, raw_bytes
+from .blob import TensorSlot
+from .checksum import DEFAULT, checksum
+from .file_layout import FileImage
 from .manifest import Chunk
-from .storage import Storage, retrying, wrap_os_error
+from .storage import BufferWrites, Storage, retrying, wrap_os_error
 
-__all__ = ["write_shards", "write_small"]
+__all__ = ["write_shards", "write_small", "slot_bytes"]
 
-_WRITE_CHUNK = 64 << 20  # bound single write() calls; large enough for sequential throughput
-_CRC_ASIDE = 4 << 20  # writes at least this large compute their crc on a helper thread
+_WRITE_CHUNK = 64 << 20  # bound single write() calls of the streaming fallback
+
+Pace = Callable[[int], None]
 
 
-class _CrcAside(threading.Thread):
-    """crc32 of a buffer on its own thread (zlib releases the GIL), joined by the writer."""
+def slot_bytes(buffer: torch.Tensor, start: int, n: int) -> memoryview:
+    """A writable, zero-copy view of bytes ``[start, start + n)`` of a slot buffer."""
+    if n == 0:
+        return memoryview(bytearray())
+    if start + n > buffer.numel():
+        raise ValueError(f"range {start}..{start + n} lies outside a slot of {buffer.numel()} bytes")
+    raw = (ctypes.c_char * n).from_address(buffer.data_ptr() + start)
+    return memoryview(raw).cast("B")
 
-    def __init__(self, mv: memoryview, start: int) -> None:
-        super().__init__(name="asyncckpt-crc", daemon=True)
-        self.mv, self.value = mv, start
+
+class _Checksums(threading.Thread):
+    """Each blob's checksum over the file image, on its own thread (the write runs meanwhile)."""
+
+    def __init__(self, image: memoryview, f: FileImage, algo: str) -> None:
+        super().__init__(name="asyncckpt-checksum", daemon=True)
+        self.image, self.file, self.algo = image, f, algo
+        self.values: list[int] = []
+        self.error: BaseException | None = None
         self.start()
 
     def run(self) -> None:
-        self.value = zlib.crc32(self.mv, self.value)
-
-
-class _ChecksumWriter(io.RawIOBase):
-    """A write-only stream that tracks its position and a running crc32 of a blob."""
-
-    def __init__(self, raw: BinaryIO, path: str) -> None:
-        self.raw = raw
-        self.path = path
-        self.pos = 0
-        self.crc = 0
-        # torch.save's C++ writer replaces an exception raised here by an opaque
-        # RuntimeError ("unexpected pos"); keep the real one (ENOSPC, EIO) to re-raise.
-        self.error: BaseException | None = None
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: Any) -> int:
-        mv = memoryview(b).cast("B")
-        n = mv.nbytes
-        # a tensor's bytes: the crc runs on another core while this thread writes (both
-        # release the GIL), so the write costs max(write, crc) rather than their sum
-        crc = _CrcAside(mv, self.crc) if n >= _CRC_ASIDE else None
-        if crc is None:
-            self.crc = zlib.crc32(mv, self.crc)
-        done = 0
         try:
-            while done < n:
-                w = self.raw.write(mv[done : done + _WRITE_CHUNK])
-                if w is None or w <= 0:
-                    raise OSError(errno.EIO, "short write")
-                done += w
-        except OSError as e:
-            self.error = wrap_os_error("write", self.path, e)
-            self.error.__cause__ = e
-            raise self.error from e
-        except BaseException as e:
+            for b in self.file.blobs:
+                self.values.append(checksum(self.algo, self.image[b.start : b.start + b.length]))
+        except BaseException as e:  # re-raised by the writer after join
             self.error = e
-            raise
-        finally:
-            if crc is not None:
-                crc.join()
-                self.crc = crc.value
-        self.pos += n
-        return n
-
-    def tell(self) -> int:
-        return self.pos
-
-    def flush(self) -> None:
-        self.raw.flush()
 
 
-def _split(entries: Sequence[TensorSlot], n: int) -> list[list[TensorSlot]]:
-    """Greedy size balancing into ``n`` files; each file keeps buffer order for locality."""
-    bins: list[list[TensorSlot]] = [[] for _ in range(max(1, min(n, len(entries))))]
-    sizes = [0] * len(bins)
-    for e in sorted(entries, key=lambda e: -e.nbytes):
-        i = sizes.index(min(sizes))
-        bins[i].append(e)
-        sizes[i] += e.nbytes
-    return [sorted(b, key=lambda e: e.offset) for b in bins if b]
+def _stream(storage: Storage, path: str, data: memoryview, pace: Pace | None) -> None:
+    """The fallback: a stream of bounded writes through ``open_write``."""
+    f = storage.open_write(path)
+    try:
+        done = 0
+        while done < data.nbytes:
+            try:
+                n = f.write(data[done : done + _WRITE_CHUNK])
+            except OSError as e:
+                raise wrap_os_error("write", path, e) from e
+            if n is None or n <= 0:
+                raise wrap_os_error("write", path, OSError(errno.EIO, "short write"))
+            done += n
+            if pace is not None:
+                pace(n)
+        storage.finish_write(f, path, data.nbytes)
+    except BaseException:  # a failed completion too: an object store aborts the multipart upload
+        storage.abort_write(f)
+        raise
 
 
 def _write_file(
     storage: Storage,
     path: str,
     name: str,
-    entries: Sequence[TensorSlot],
+    f: FileImage,
     buffer: torch.Tensor,
-    templates: dict[str, BlobTemplate],
+    shapes: dict[str, TensorSlot],
+    algo: str,
+    pace: Pace | None,
 ) -> tuple[dict[str, Chunk], int]:
-    f = storage.open_write(path)
-    w = _ChecksumWriter(f, path)
-    chunks: dict[str, Chunk] = {}
+    image = slot_bytes(buffer, f.start, f.padded)
+    sums = _Checksums(image, f, algo)
     try:
-        for e in entries:
-            t = templates[e.fqn]
-            start = w.pos
-            w.crc = 0
-            w.write(t.prefix)
-            w.write(raw_bytes(buffer, e))
-            w.write(t.suffix)
-            chunks[e.fqn] = Chunk(
-                offsets=[0] * len(e.shape),
-                sizes=list(e.shape),
-                file=name,
-                offset=start,
-                length=w.pos - start,
-                data_offset=start + len(t.prefix),
-                nbytes=e.nbytes,
-                crc32=w.crc,
-            )
-        storage.finish_write(f, path, w.pos)
-    except BaseException:  # a failed completion too: an object store aborts the multipart upload
-        storage.abort_write(f)
-        raise
-    return chunks, w.pos
-
-
-def _write_file_retrying(storage: Storage, *args: Any) -> tuple[dict[str, Chunk], int]:
-    """``_write_file``, retried with backoff on transient errors (the slot still holds the data)."""
-    return retrying(storage, lambda: _write_file(storage, *args))
+        if isinstance(storage, BufferWrites):
+            storage.write_file(path, image, f.size, pace)
+        else:
+            _stream(storage, path, image[: f.size], pace)
+    finally:
+        sums.join()
+    if sums.error is not None:
+        raise sums.error
+    chunks = {}
+    for b, crc in zip(f.blobs, sums.values):
+        e = shapes[b.fqn]
+        chunks[b.fqn] = Chunk(
+            offsets=[0] * len(e.shape),
+            sizes=list(e.shape),
+            file=name,
+            offset=b.start,
+            length=b.length,
+            data_offset=b.data_offset,
+            nbytes=e.nbytes,
+            crc=crc,
+            algo=algo,
+        )
+    return chunks, f.size
 
 
 def write_shards(
     storage: Storage,
     directory: str,
+    files: Sequence[FileImage],
     entries: Sequence[TensorSlot],
     buffer: torch.Tensor,
     rank: int,
     pool: ThreadPoolExecutor | None,
-    n_files: int,
-    templates: dict[str, BlobTemplate],
+    *,
+    algo: str = DEFAULT,
+    pace: Pace | None = None,
 ) -> tuple[dict[str, Chunk], dict[str, dict[str, int]]]:
-    """Write this rank's tensors into ``n_files`` shard files (in parallel on ``pool``)."""
-    groups = _split(entries, n_files)
-    names = [layout.shard_filename(rank, i) for i in range(len(groups))]
-    args = [(storage, layout.join(directory, n), n, g, buffer, templates) for n, g in zip(names, groups)]
-    if pool is not None and len(groups) > 1:
-        results = list(pool.map(lambda a: _write_file_retrying(*a), args))
+    """Write this rank's shard files from the slot (in parallel on ``pool``).
+
+    Each file is retried whole, with backoff, on transient errors: the slot still holds it.
+    """
+    shapes = {e.fqn: e for e in entries}
+    names = [layout.shard_filename(rank, f.index) for f in files]
+
+    def one(name: str, f: FileImage) -> tuple[dict[str, Chunk], int]:
+        path = layout.join(directory, name)
+        return retrying(storage, lambda: _write_file(storage, path, name, f, buffer, shapes, algo, pace))
+
+    if pool is not None and len(files) > 1:
+        results = list(pool.map(one, names, files))
     else:
-        results = [_write_file_retrying(*a) for a in args]
+        results = [one(n, f) for n, f in zip(names, files)]
     chunks: dict[str, Chunk] = {}
-    files: dict[str, dict[str, int]] = {}
+    out: dict[str, dict[str, int]] = {}
     for name, (c, size) in zip(names, results):
         chunks.update(c)
-        files[name] = {"size": size}
-    return chunks, files
+        out[name] = {"size": size}
+    return chunks, out
 
 
-def write_small(storage: Storage, path: str, data: bytes) -> dict[str, int]:
-    """Write a small file durably; returns its size and crc32 for the manifest."""
-    f = storage.open_write(path)
-    try:
-        _ChecksumWriter(f, path).write(data)
-        storage.finish_write(f, path, len(data))
-    except BaseException:
-        storage.abort_write(f)
-        raise
-    return {"size": len(data), "crc32": zlib.crc32(data)}
+def write_small(storage: Storage, path: str, data: bytes, algo: str = DEFAULT) -> dict[str, Any]:
+    """Write a small file durably; returns its size and checksum for the manifest."""
+    _stream(storage, path, memoryview(data), None)
+    return {"size": len(data), algo: checksum(algo, data)}

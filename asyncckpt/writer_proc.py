@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from .file_layout import FileImage
+from .options import WriterOptions
 from .request import SaveOutcome, SaveRequest
 
 __all__ = [
@@ -43,7 +45,7 @@ class Config:
     """First message: where to write, and how."""
 
     root: str
-    threads: int
+    writer: WriterOptions
     storage_options: dict[str, Any] | None
 
 
@@ -54,6 +56,7 @@ class Plan:
     generation: int
     shm_names: list[str]
     entries: list[tuple[str, str, tuple[int, ...], int, int]]  # fqn, dtype, shape, offset, nbytes
+    files: tuple[FileImage, ...]  # where each shard file lies in a slot
 
 
 @dataclass(frozen=True)
@@ -130,24 +133,27 @@ def writer_main(conn_in: Connection, conn_out: Connection, parent_pid: int) -> N
 
     from .blob import TensorSlot
     from .commit import write_and_commit
-    from .executor import TemplateCache
     from .manifest import DTYPES
+    from .priority import Pacer, lower_priority
     from .storage import storage_for
 
     torch.set_num_threads(1)  # leave the cores to the trainer
     abort = threading.Event()
     threading.Thread(target=_parent_watchdog, args=(parent_pid, abort), daemon=True).start()
     config: Config = conn_in.recv()
+    opts = config.writer
     try:
-        storage = storage_for(config.root, config.storage_options)
+        storage = storage_for(config.root, config.storage_options, direct_io=opts.direct_io)
     except BaseException as e:
         conn_out.send(StartFailed(_picklable(e)))
         return
-    files = ThreadPoolExecutor(config.threads) if config.threads > 1 else None
-    templates = TemplateCache()
+    lower_priority(opts.cpu_nice, opts.io_priority)  # before any thread starts: they inherit it
+    pace = Pacer(opts.max_bandwidth) if opts.max_bandwidth else None
+    pool = ThreadPoolExecutor(opts.threads) if opts.threads > 1 else None
     segments: list[Any] = []
     buffers: list[torch.Tensor] = []
     entries: list[TensorSlot] = []
+    files: tuple[FileImage, ...] = ()
     generation = -1
     conn_out.send(Ready(os.getpid()))
     while True:
@@ -172,6 +178,7 @@ def writer_main(conn_in: Connection, conn_out: Connection, parent_pid: int) -> N
                     pass
             buffers = [torch.frombuffer(seg.buf, dtype=torch.uint8) for seg in segments]
             entries = [TensorSlot(f, DTYPES[d], tuple(s), o, n) for f, d, s, o, n in msg.entries]
+            files = msg.files
             generation = msg.generation
             continue
         assert isinstance(msg, Write)
@@ -184,12 +191,12 @@ def writer_main(conn_in: Connection, conn_out: Connection, parent_pid: int) -> N
                 storage,
                 msg.request,
                 entries,
-                buf,
                 files,
-                config.threads,
-                templates.get(generation, entries, buf),
+                buf,
+                pool,
                 on_shards_written=lambda s=step: conn_out.send(Released(s)),  # type: ignore[misc]
                 should_abort=abort.is_set,
+                pace=pace,
             )
         except BaseException as e:
             conn_out.send(Failed(step, _picklable(e)))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from asyncckpt import layout
-from asyncckpt.blob import blob_templates
 from asyncckpt.commit import write_and_commit
 from asyncckpt.handle import CheckpointInfo
 from asyncckpt.layout import Kind
@@ -36,10 +35,7 @@ def commit_info(
             paths=flat.paths,
             metrics=metrics or {},
         )
-        templates = blob_templates(plan.entries, pool.buffer(0))
-        out = write_and_commit(
-            storage or LocalStorage(), req, plan.entries, pool.buffer(0), None, 1, templates
-        )
+        out = write_and_commit(storage or LocalStorage(), req, plan.entries, plan.files, pool.buffer(0), None)
     finally:
         pool.close()
     return out.info

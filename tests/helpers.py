@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from asyncckpt.storage import LocalStorage
+from asyncckpt.storage import LocalStorage, wrap_os_error
 
 
 def tiny_model(seed: int = 0) -> torch.nn.Module:
@@ -98,6 +98,7 @@ class FaultyStorage(LocalStorage):
         err: OSError | None = None,
         block: threading.Event | None = None,
     ) -> None:
+        super().__init__()
         self.budget = [fail_after_bytes]
         self.fail_op = fail_op
         self.fail_on_call = fail_on_call
@@ -122,6 +123,24 @@ class FaultyStorage(LocalStorage):
 
     def abort_write(self, f: Any) -> None:
         super().abort_write(f.f if isinstance(f, _FaultyFile) else f)
+
+    def write_file(self, path: str, data: Any, size: int, pace: Any = None) -> None:
+        """The whole-file write (O_DIRECT) with the same faults: at open, after the byte
+        budget (leaving the partial file a failed write leaves), at the fsync."""
+        self._maybe_fail("open_write")
+        budget = self.budget[0]
+        if budget is not None and budget < size:
+            with open(path, "xb") as f:
+                f.write(data[:budget])
+            self.budget[0] = 0
+            raise wrap_os_error("write", path, self.err) from self.err
+        if budget is not None:
+            self.budget[0] = budget - size
+        super().write_file(path, data, size, pace)
+        try:
+            self._maybe_fail("finish_write")
+        except OSError as e:
+            raise wrap_os_error("fsync", path, e) from e
 
     def rename_dir(self, src: str, dst: str) -> None:
         self._maybe_fail("rename_dir")

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import io
-import zlib
 
 import pytest
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 
-from asyncckpt.blob import blob_template, blob_templates, dcp_metadata, raw_bytes, read_chunk_into
+from asyncckpt.blob import blob_template, dcp_metadata, raw_bytes, read_chunk_into
+from asyncckpt.checksum import DEFAULT, checksum
 from asyncckpt.errors import CorruptCheckpointError
 from asyncckpt.manifest import Chunk, TensorEntry, dtype_name
 from asyncckpt.staging import StagingPlan, StagingPool, copy_into
+from asyncckpt.writer import slot_bytes
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -85,33 +86,35 @@ def _staged(tensors: dict[str, torch.Tensor]) -> tuple[StagingPool, StagingPlan]
 
 
 def _write_shard(path, tensors):
-    """A shard file like writer.py makes: blobs back to back, with chunks describing them."""
+    """A shard file as the writer makes it: the slot's file image, with chunks describing it
+    (shifted by a few bytes, so the first blob does not start at offset 0)."""
     pool, plan = _staged(tensors)
-    templates = blob_templates(plan.entries, pool.buffer(0))
-    assert set(templates) == set(tensors)
-    data = bytearray(b"HEAD" * 3)  # the first blob does not start at offset 0
+    (f,) = plan.files
+    image = bytes(slot_bytes(pool.buffer(0), f.start, f.size))
+    shift = 12
+    data = b"HEAD" * 3 + image
+    entries = {e.fqn: e for e in plan.entries}
     chunks = {}
-    for e in plan.entries:
-        tpl = templates[e.fqn]
-        start = len(data)
-        blob = tpl.prefix + bytes(raw_bytes(pool.buffer(0), e)) + tpl.suffix
-        data += blob
+    for b in f.blobs:
+        e = entries[b.fqn]
+        assert e.offset == f.start + b.data_offset  # the tensor's view is the file's data bytes
         chunks[e.fqn] = Chunk(
             offsets=[0] * len(e.shape),
             sizes=list(e.shape),
             file=path.name,
-            offset=start,
-            length=len(blob),
-            data_offset=start + len(tpl.prefix),
+            offset=shift + b.start,
+            length=b.length,
+            data_offset=shift + b.data_offset,
             nbytes=e.nbytes,
-            crc32=zlib.crc32(blob),
+            crc=checksum(DEFAULT, image[b.start : b.start + b.length]),
+            algo=DEFAULT,
         )
-    path.write_bytes(bytes(data))
+    path.write_bytes(data)
     pool.close()
     return chunks
 
 
-def test_blob_templates_over_a_staging_slot_each_blob_loads(tmp_path):
+def test_a_slot_file_image_holds_blobs_that_each_load(tmp_path):
     tensors = _tensors()
     path = tmp_path / "__0_0.distcp"
     chunks = _write_shard(path, tensors)

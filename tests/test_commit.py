@@ -12,7 +12,6 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from asyncckpt import layout
-from asyncckpt.blob import blob_templates
 from asyncckpt.commit import (
     WriteAborted,
     await_manifest,
@@ -51,21 +50,20 @@ def _zeros_like_state(state: dict) -> dict:
 class Slot:
     """One staged snapshot of a state: a 1-slot pool, its templates and the request."""
 
-    def __init__(self, state: dict, root: str, step: int, kind: Kind = Kind.PERMANENT, **req) -> None:
+    def __init__(
+        self, state: dict, root: str, step: int, kind: Kind = Kind.PERMANENT, n_files: int = 1, **req
+    ) -> None:
         flat = flatten_state(state)
         self.flat = flat
-        self.plan = StagingPlan.from_tensors(flat.tensors, flat.signature())
+        self.plan = StagingPlan.from_tensors(flat.tensors, flat.signature(), files=n_files)
         self.pool = StagingPool(self.plan, 1)
         copy_into(self.pool.views(0), flat.tensors)
-        self.templates = blob_templates(self.plan.entries, self.pool.buffer(0))
         self.req = SaveRequest(
             root=root, step=step, kind=kind, tree=flat.tree, paths=flat.paths, metrics={"loss": 0.5}, **req
         )
 
     def commit(self, storage, **kw) -> SaveOutcome:
-        return write_and_commit(
-            storage, self.req, self.plan.entries, self.pool.buffer(0), None, 1, self.templates, **kw
-        )
+        return write_and_commit(storage, self.req, self.plan.entries, self.plan.files, self.pool.buffer(0), None, **kw)
 
 
 def _tmp_entries(root: str) -> list[str]:
@@ -77,10 +75,8 @@ def _tmp_entries(root: str) -> list[str]:
 def test_commit_on_posix_is_readable_by_stock_dcp(tmp_path, n_files):
     root = str(tmp_path / "ckpt")
     state = _state()
-    slot = Slot(state, root, 7)
-    out = write_and_commit(
-        LocalStorage(), slot.req, slot.plan.entries, slot.pool.buffer(0), None, n_files, slot.templates
-    )
+    slot = Slot(state, root, 7, n_files=n_files)
+    out = slot.commit(LocalStorage())
     final = os.path.join(root, "step_000000007")
     assert out.info.step == 7 and out.info.path == final and out.info.tier == "permanent"
     assert out.info.metrics == {"loss": 0.5}
@@ -265,7 +261,7 @@ def test_done_records_of_two_ranks_merge(tmp_path):
     assert (w.dtype, w.shape) == ("float32", [4, 3])
     assert [c.offsets for c in w.chunks] == [[0, 0], [2, 0]]  # sorted by position
     assert [c.file for c in w.chunks] == ["__0_0.distcp", "__1_0.distcp"]
-    assert tensors["only1"].chunks[0].crc32 == 100
+    assert tensors["only1"].chunks[0].crc == 100
 
 
 def test_a_done_record_of_another_run_is_ignored(tmp_path):

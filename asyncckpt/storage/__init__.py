@@ -6,6 +6,8 @@ an optional capability, a ``runtime_checkable`` protocol checked with ``isinstan
 
 - :class:`AtomicRename`: POSIX; a step commits by renaming its finished temp directory.
   Without it (object stores), a step commits when its ``manifest.json`` is written last.
+- :class:`BufferWrites`: a whole file from memory in one call: ``O_DIRECT`` on local
+  disks that take it, parallel multipart parts on S3.
 - :class:`RangedReads`: object stores; loads issue concurrent ranged GETs.
 - :class:`MultipartUploads`: S3; ``gc`` lists and aborts uploads killed writers left open.
 - :class:`RootCheck`: fail at construction when a bucket is missing.
@@ -21,6 +23,7 @@ from typing import Any
 
 from .base import (
     AtomicRename,
+    BufferWrites,
     MultipartUploads,
     RangedReads,
     RootCheck,
@@ -39,6 +42,7 @@ __all__ = [
     "Storage",
     "Stat",
     "AtomicRename",
+    "BufferWrites",
     "RangedReads",
     "MultipartUploads",
     "RootCheck",
@@ -60,8 +64,14 @@ def is_url(root: str) -> bool:
     return "://" in root and not root.startswith("file://")
 
 
-def storage_for(root: str, storage_options: dict[str, Any] | None = None) -> Storage:
-    """The storage backend for ``root``: local paths, or any fsspec URL."""
+def storage_for(
+    root: str, storage_options: dict[str, Any] | None = None, *, direct_io: bool | None = None
+) -> Storage:
+    """The storage backend for ``root``: local paths, or any fsspec URL.
+
+    ``direct_io`` (local disks): None probes once whether the filesystem takes ``O_DIRECT``;
+    False never uses it; True requires it.
+    """
     if is_url(root):
         return FsspecStorage(root, storage_options)
-    return LocalStorage()
+    return LocalStorage(direct_io=direct_io)

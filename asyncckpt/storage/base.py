@@ -96,6 +96,23 @@ class AtomicRename(Protocol):
 
 
 @runtime_checkable
+class BufferWrites(Protocol):
+    """A backend that writes a whole file from memory better than a stream of writes can
+    (``O_DIRECT`` from page-aligned memory on local disk; parallel multipart parts on S3)."""
+
+    def write_file(
+        self, path: str, data: memoryview, size: int, pace: Callable[[int], None] | None = None
+    ) -> None:
+        """Write ``data[:size]`` as a new durable file (never replacing one).
+
+        ``data`` may extend past ``size`` (zero padding to a page), which lets a direct write
+        cover whole pages.  ``pace(n)``, if given, is called after every ``n`` bytes sent, so
+        the caller can cap the bandwidth by sleeping in it.
+        """
+        ...
+
+
+@runtime_checkable
 class RangedReads(Protocol):
     """A backend where a byte range is one request; loads fetch many concurrently."""
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import stat as stat_mod
+from collections.abc import Callable
 from typing import BinaryIO
 
 from ..errors import StorageError
 from .base import Stat
+from .direct import O_DIRECT, DirectIO, write_all
 
 __all__ = ["LocalStorage", "wrap_os_error"]
 
@@ -26,9 +29,18 @@ def wrap_os_error(op: str, path: str, exc: OSError) -> StorageError:
 
 
 class LocalStorage:
-    """A local POSIX filesystem; commits by renaming a finished temp directory."""
+    """A local POSIX filesystem; commits by renaming a finished temp directory.
+
+    Args:
+        direct_io: write whole files with ``O_DIRECT`` (``direct.py``): None tries it and
+            falls back to buffered writes where the filesystem refuses it, False never, True
+            requires it.
+    """
 
     retries = 0
+
+    def __init__(self, direct_io: bool | None = None) -> None:
+        self.direct = DirectIO(direct_io)
 
     def makedirs(self, path: str) -> None:
         try:
@@ -54,6 +66,47 @@ class LocalStorage:
 
     def abort_write(self, f: BinaryIO) -> None:
         f.close()
+
+    # -- BufferWrites
+    def write_file(
+        self, path: str, data: memoryview, size: int, pace: Callable[[int], None] | None = None
+    ) -> None:
+        """Whole pages with ``O_DIRECT`` where possible, the tail buffered; fsync; then the
+        file's pages are dropped from the cache (a checkpoint is not read back soon)."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        direct = self.direct.wanted(data, size)
+        try:
+            try:
+                fd = os.open(path, flags | (O_DIRECT if direct else 0), 0o644)
+            except OSError as e:
+                if not (direct and e.errno == errno.EINVAL):
+                    raise
+                self.direct.refused(path, e)
+                direct = False
+                fd = os.open(path, flags, 0o644)
+            try:
+                try:
+                    write_all(fd, data, size, direct, pace)
+                except OSError as e:
+                    if not (direct and e.errno == errno.EINVAL):
+                        raise
+                    self.direct.refused(path, e)  # opened, but the first write was refused
+                    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~O_DIRECT)
+                    os.ftruncate(fd, 0)
+                    os.lseek(fd, 0, os.SEEK_SET)
+                    direct = False
+                    write_all(fd, data, size, False, pace)
+                if direct:
+                    self.direct.worked(path)
+                os.fsync(fd)
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        except StorageError:
+            raise
+        except OSError as e:
+            raise wrap_os_error("write", path, e) from e
 
     def open_read(self, path: str) -> BinaryIO:
         try:

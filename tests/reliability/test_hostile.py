@@ -28,6 +28,7 @@ import pytest
 
 from asyncckpt import AsyncCheckpointer, CorruptCheckpointError, list_checkpoints, resume
 from asyncckpt.catalog import read_manifest
+from asyncckpt.checksum import DEFAULT, checksum
 from asyncckpt.cli import build_parser
 from asyncckpt.cli import main as cli_main
 from asyncckpt.manifest import MAX_MANIFEST_BYTES, MAX_TREE_DEPTH
@@ -184,7 +185,8 @@ def _plant_pickle_in_blob(step_dir: str, fqn: str, payload: bytes) -> None:
     new_blob = blob[:start] + padded + blob[start + size :]
     data[chunk["offset"] : chunk["offset"] + chunk["length"]] = new_blob
     open(path, "wb").write(bytes(data))
-    chunk["crc32"] = zlib.crc32(new_blob)
+    algo = "crc32c" if "crc32c" in chunk else "crc32"
+    chunk[algo] = checksum(algo, new_blob)
     # an attacker who can rewrite the files can rewrite the manifest's own checksum too
     doc.pop("checksum", None)
     doc["checksum"] = zlib.crc32(json.dumps(doc, indent=1).encode())
@@ -267,7 +269,9 @@ HOSTILE: dict[str, Callable[[dict[str, Any]], None]] = {
     "chunk length 2**62": _set([*CHUNK, "length"], 2**62),
     "data_offset before its blob": _set(["tensors", "w.b", "chunks", 0, "data_offset"], 0),
     "nbytes mismatch": _set([*CHUNK, "nbytes"], 12),
-    "crc32 negative": _set([*CHUNK, "crc32"], -1),
+    "checksum negative": _set([*CHUNK, DEFAULT], -1),
+    "checksum missing": lambda doc: doc["tensors"]["w.a"]["chunks"][0].pop(DEFAULT),
+    "two checksums": _set([*CHUNK, "crc32" if DEFAULT == "crc32c" else "crc32c"], 1),
     "dtype object": _set(["tensors", "w.a", "dtype"], "object"),
     "shape negative": _set(["tensors", "w.a", "shape"], [-1]),
     "shape a string": _set(["tensors", "w.a", "shape"], "4096"),

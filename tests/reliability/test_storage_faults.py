@@ -30,7 +30,11 @@ STEP1 = "step_000000001"
 class _Counting(LocalStorage):
     """Records every write (file, size) and every storage call of one save."""
 
+    # every byte through open_write and write, so that each call can be failed in turn
+    write_file = None  # type: ignore[assignment]  # (the whole-file path: tests/helpers.FaultyStorage)
+
     def __init__(self) -> None:
+        super().__init__()
         self.writes: list[tuple[str, int]] = []
         self.calls: list[str] = []
 
