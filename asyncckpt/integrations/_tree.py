@@ -21,7 +21,7 @@ from ..layout import Kind
 from ..reader import file_problems, shard_files
 from ..storage import Storage, storage_for
 
-__all__ = ["locate", "read_tree"]
+__all__ = ["locate", "read_tree", "read_plain"]
 
 
 def locate(path: str | os.PathLike[str]) -> tuple[str, int | None]:
@@ -101,3 +101,21 @@ def _decode(node: dict[str, Any], tensors: dict[str, Any]) -> Any:
         items = [_decode(c, tensors) for c in node["items"]]
         return tuple(items) if kind == "tuple" else items
     raise CorruptCheckpointError(f"unknown node kind {kind!r} in the saved state tree")
+
+
+def read_plain(root: str, step: int, key: str | None) -> Any:
+    """The saved plain values under top-level ``key`` (tensors left out), from the manifest
+    alone; with ``key`` None, the top-level keys the step holds."""
+    storage = storage_for(normalize_root(root))
+    _, path = _step_dir(storage, normalize_root(root), step)
+    m = read_manifest(storage, path)
+    if key is None:
+        return list(m.state)
+    if key not in m.state:
+        raise CheckpointNotFoundError(f"{path} holds no {key!r} entry (it has {sorted(m.state)})")
+    return _decode(m.state[key], _NoTensors())
+
+
+class _NoTensors(dict):  # type: ignore[type-arg]
+    def __missing__(self, fqn: str) -> None:
+        raise CorruptCheckpointError(f"expected only plain values, found tensor {fqn}")
