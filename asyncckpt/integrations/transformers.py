@@ -168,6 +168,7 @@ class AsyncCheckpointMixin:
         self.asyncckpt: AsyncCheckpointer | None = None
         self._rng = _Rng()
         self._resume_from: tuple[str, int, str] | None = None  # root, step, view dir
+        self._steps: set[int] = set()  # steps saved or committed under the root (best candidates)
 
     # ------------------------------------------------------------------ saving
 
@@ -187,6 +188,11 @@ class AsyncCheckpointMixin:
                 scaler = getattr(self.accelerator, "scaler", None)
                 if scaler is not None:
                     state["scaler"] = scaler
+            self._steps = (
+                {c.step for c in list_checkpoints(self.asyncckpt_root)}
+                if os.path.isdir(self.asyncckpt_root)
+                else set()
+            )
             self.asyncckpt = AsyncCheckpointer(
                 self.asyncckpt_root, state, schedule=ScheduleOptions(final=False), keep=keep,
                 **self.asyncckpt_options,
@@ -201,7 +207,7 @@ class AsyncCheckpointMixin:
         step = int(self.state.global_step)
         best = self.state.best_global_step
         if self.args.save_strategy in ("steps", "epoch", "best") and best:
-            if best == step or any(c.step == best for c in list_checkpoints(ck.root)):
+            if best == step or best in self._steps:
                 self.state.best_model_checkpoint = layout.step_dir(ck.root, PERMANENT, best)
         if self.args.should_save:  # HF's bookkeeping of stateful callbacks, as in its own save
             for cb in [
@@ -213,6 +219,7 @@ class AsyncCheckpointMixin:
                 else:
                     self.state.stateful_callbacks[name] = cb.state()
         ck.save_async(step, metrics=self._own_metrics(step), force=True)
+        self._steps.add(step)
 
     def _own_metrics(self, step: int) -> dict[str, float]:
         """What HF logged at this very step (eval_loss, loss, ...), never an older value."""
