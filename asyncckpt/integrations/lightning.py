@@ -39,6 +39,7 @@ except ImportError:  # the standalone package
     from pytorch_lightning.plugins import CheckpointIO  # type: ignore[no-redef]
 
 import fsspec
+import torch
 
 from ..catalog import list_checkpoints
 from ..checkpointer import AsyncCheckpointer
@@ -99,7 +100,7 @@ class AsyncCheckpointIO(CheckpointIO):  # type: ignore[misc]
             )
         path = os.fspath(path)
         step = int(checkpoint.get("global_step", 0))
-        state = {_KEY: checkpoint}
+        state = {_KEY: _scalars_out(checkpoint)}
         ck = self._checkpointer(state)
         ck.state = state
         with self._lock:
@@ -134,7 +135,7 @@ class AsyncCheckpointIO(CheckpointIO):  # type: ignore[misc]
                 f"{path}: this asyncckpt checkpoint was not written by AsyncCheckpointIO (it has no "
                 f"{_KEY!r} entry); load it with asyncckpt.resume() into your own state"
             )
-        return tree[_KEY]
+        return _scalars_in(tree[_KEY])
 
     def remove_checkpoint(self, path: Any) -> None:
         """Remove the pointer; its step is deleted at the next commit once no path names it."""
@@ -190,6 +191,46 @@ def _policies(keep: Any) -> list[Any]:
         if not isinstance(k, RetentionPolicy):
             raise ConfigError(f"AsyncCheckpointIO: keep= takes retention policies, got {k!r}")
     return items
+
+
+_SCALAR = "__asyncckpt_scalar__"
+
+
+def _scalars_out(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Callback states with their 0-dim tensors as tagged JSON values.
+
+    ``ModelCheckpoint`` keys its scores by file path (``best_k_models``), so as tensors their
+    names would change at every save and force a new staging buffer each time; as JSON they
+    cost nothing and come back as the same tensors (a float32 or int value is exact in JSON).
+    """
+    if not isinstance(checkpoint.get("callbacks"), dict):
+        return checkpoint
+    return {**checkpoint, "callbacks": _tag(checkpoint["callbacks"])}
+
+
+def _tag(v: Any) -> Any:
+    if isinstance(v, torch.Tensor) and v.dim() == 0 and v.device.type == "cpu" and not v.is_complex():
+        return {_SCALAR: v.item(), "dtype": str(v.dtype).removeprefix("torch.")}
+    if isinstance(v, dict):
+        return {k: _tag(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return type(v)(_tag(x) for x in v)
+    return v
+
+
+def _scalars_in(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    def untag(v: Any) -> Any:
+        if isinstance(v, dict):
+            if _SCALAR in v and len(v) == 2 and "dtype" in v:
+                return torch.tensor(v[_SCALAR], dtype=getattr(torch, v["dtype"]))
+            return {k: untag(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return type(v)(untag(x) for x in v)
+        return v
+
+    if isinstance(checkpoint.get("callbacks"), dict):
+        checkpoint["callbacks"] = untag(checkpoint["callbacks"])
+    return checkpoint
 
 
 def _monitored(checkpoint: dict[str, Any]) -> dict[str, float]:
