@@ -39,14 +39,16 @@ def test_lightning_callback_saves_and_resumes(tmp_path) -> None:
                           enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")  # fmt: skip
 
     model = Tiny()
-    cb = AsyncCheckpointCallback(root, save_policy=4, keep=2)
+    with pytest.warns(DeprecationWarning, match="AsyncCheckpointIO"):
+        cb = AsyncCheckpointCallback(root, save_policy=4, keep=2)
     trainer(10, cb).fit(model, loader)
     assert [c.step for c in list_checkpoints(root)] == [8, 10]  # every 4, keep 2, final step 10
     assert "train_loss" in list_checkpoints(root)[-1].metrics
     trained = snapshot(model)
 
     fresh = Tiny()
-    cb2 = AsyncCheckpointCallback(root, save_policy=4, keep=2)
+    with pytest.warns(DeprecationWarning):
+        cb2 = AsyncCheckpointCallback(root, save_policy=4, keep=2)
     t2 = trainer(12, cb2)
     t2.fit(fresh, loader)
     assert cb2.resumed_step == 10
@@ -111,3 +113,41 @@ def test_export_loads_in_transformers_from_pretrained(tmp_path) -> None:
     loaded = transformers.GPT2LMHeadModel.from_pretrained(out)
     for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_transformers_callback_keeps_the_step_whose_own_metric_is_best(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from asyncckpt.integrations.transformers import AsyncCheckpointCallback
+    from asyncckpt.policy import KeepBest
+
+    seq = {2: 3.0, 4: 1.0, 6: 2.0, 8: 4.0}  # eval_loss by step: the best is step 4
+
+    class Scripted(transformers.Trainer):
+        def evaluate(self, *a, **k):
+            m = {"eval_loss": seq[self.state.global_step]}
+            self.log(m)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, m)
+            return m
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 32
+
+        def __getitem__(self, i: int):
+            ids = torch.randint(0, 64, (16,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "labels": ids}
+
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16)
+    root = str(tmp_path / "ckpt")
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf"), max_steps=8, per_device_train_batch_size=4, save_strategy="no",
+        eval_strategy="steps", eval_steps=2, report_to=[], use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    cb = AsyncCheckpointCallback(root, schedule=2, keep=KeepBest(1, "eval_loss"))
+    trainer = Scripted(model=transformers.GPT2LMHeadModel(cfg), args=args, train_dataset=Data(),
+                       eval_dataset=Data(), callbacks=[cb])  # fmt: skip
+    trainer.train()
+    infos = list_checkpoints(root)
+    assert [c.step for c in infos] == [4, 8]  # the best, and the newest (never deleted)
+    assert infos[0].metrics["eval_loss"] == 1.0 and infos[1].metrics["eval_loss"] == 4.0
