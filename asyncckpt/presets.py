@@ -100,7 +100,9 @@ def hf_trainer(
             check_int(owner, "total_steps", total_steps, 1, "pass the number of optimizer steps")
             interval = hf_save_interval(save_steps, total_steps)
         else:  # HF accepts a whole float such as 500.0 as an int
-            whole = int(save_steps) if isinstance(save_steps, float) and save_steps.is_integer() else save_steps
+            whole = (
+                int(save_steps) if isinstance(save_steps, float) and save_steps.is_integer() else save_steps
+            )
             interval = check_int(owner, "save_steps", whole, 1, "e.g. save_steps=500, or 0.1 of the run")
         return _options(owner, EveryNSteps(interval), keep, total_steps)
     if save_strategy == "epoch":
