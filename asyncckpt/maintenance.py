@@ -37,7 +37,6 @@ from .manifest import Manifest
 from .ownership import is_alive, owner_of, owners, record_path
 from .policy import CheckpointRecord, RetentionPolicy, plan_deletions
 from .pruner import abort_uploads, decommit_and_remove
-from .reader import verify_files
 from .storage import AtomicRename, Storage, is_file, storage_for
 
 __all__ = [
@@ -221,6 +220,8 @@ def verify(
     storage: Storage, target: Target, m: Manifest, progress: Callable[[int], None] | None = None
 ) -> list[str]:
     """Every file of one step: sizes, checksums, and that the blobs tile each shard."""
+    from .reader import verify_files  # imports torch: only verify needs it, not ls or gc
+
     return verify_files(storage, target.path, m, progress=progress)
 
 
@@ -238,6 +239,8 @@ def verify_root(
 ) -> Iterator[VerifyResult]:
     """Verify every committed step of a live root.  A step that retention deletes meanwhile is
     reported as vanished, and the rest are still verified."""
+    from .reader import verify_files  # imports torch: only verify needs it, not ls or gc
+
     storage, root = open_root(arg, storage_options)
     infos = list_in(storage, root)
     if not infos:

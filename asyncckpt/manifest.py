@@ -7,16 +7,23 @@ input as hostile: every field is type-checked and bounded before anything trusts
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .checksum import ALGORITHMS
 from .errors import CorruptCheckpointError, UnsupportedStateError
+
+if TYPE_CHECKING:
+    import torch
+
+    # Built on first use by __getattr__ below, so that reading a manifest (``asyncckpt ls``)
+    # does not import torch.
+    DTYPES: dict[str, torch.dtype]  # manifest name -> torch dtype, for those this torch has
+    DTYPE_NAMES: dict[torch.dtype, str]  # the inverse
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "asyncckpt"
@@ -24,24 +31,35 @@ MAX_MANIFEST_BYTES = 256 << 20
 MAX_TREE_DEPTH = 128
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.][A-Za-z0-9_.\-]{0,254}$")
 
+# Every dtype a manifest may name, with its size in bytes (a test checks these against torch).
+ITEMSIZES: dict[str, int] = {
+    "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "complex64": 8, "complex128": 16,
+    "int8": 1, "int16": 2, "int32": 4, "int64": 8, "uint8": 1, "uint16": 2, "uint32": 4, "uint64": 8,
+    "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1,
+}  # fmt: skip
 
-def _known_dtypes() -> dict[str, torch.dtype]:
-    names = [
-        "float64", "float32", "float16", "bfloat16", "complex64", "complex128",
-        "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "bool",
-        "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
-    ]  # fmt: skip
-    return {n: getattr(torch, n) for n in names if isinstance(getattr(torch, n, None), torch.dtype)}
+
+@functools.cache
+def _torch_dtypes() -> tuple[dict[str, torch.dtype], dict[torch.dtype, str]]:
+    import torch
+
+    names = {n: getattr(torch, n) for n in ITEMSIZES if isinstance(getattr(torch, n, None), torch.dtype)}
+    return names, {v: k for k, v in names.items()}
 
 
-DTYPES: dict[str, torch.dtype] = _known_dtypes()
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+def __getattr__(name: str) -> Any:
+    if name == "DTYPES":
+        return _torch_dtypes()[0]
+    if name == "DTYPE_NAMES":
+        return _torch_dtypes()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     """The manifest's name for ``dtype``; raises TypeError for dtypes it cannot store."""
     try:
-        return DTYPE_NAMES[dtype]
+        return _torch_dtypes()[1][dtype]
     except KeyError:
         raise UnsupportedStateError(f"tensors of dtype {dtype} cannot be checkpointed") from None
 
@@ -83,7 +101,14 @@ class TensorEntry:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        try:
+            return _torch_dtypes()[0][self.dtype]
+        except KeyError:  # a newer torch wrote it
+            import torch
+
+            raise UnsupportedStateError(
+                f"dtype {self.dtype} is not available in torch {torch.__version__}; upgrade torch to load it"
+            ) from None
 
 
 @dataclass
@@ -266,7 +291,7 @@ class _Parser:
         out: dict[str, Any] = {"include": None if include is None else self.patterns(include, "include")}
         out["exclude"] = self.patterns(sel.get("exclude", []), "exclude")
         cast = sel.get("cast")
-        if cast is not None and cast not in DTYPES:
+        if cast is not None and cast not in ITEMSIZES:
             raise self.fail(f"selection.cast: unknown dtype {cast!r}")
         out["cast"] = cast
         return out
@@ -285,10 +310,10 @@ class _Parser:
         if not isinstance(t, dict):
             raise self.fail(f"{ctx}: expected an object")
         dtype = self.get(t, "dtype", str, ctx)
-        if dtype not in DTYPES:
+        if dtype not in ITEMSIZES:
             raise self.fail(f"{ctx}: unknown dtype {dtype!r}")
         shape = self.ints(self.get(t, "shape", list, ctx), f"{ctx}.shape")
-        itemsize = DTYPES[dtype].itemsize
+        itemsize = ITEMSIZES[dtype]
         chunks = []
         for i, c in enumerate(self.get(t, "chunks", list, ctx)):
             cctx = f"{ctx}.chunks[{i}]"

@@ -6,6 +6,7 @@ No I/O and no clock: the scheduler passes ``now``.  Policies compose with ``|``.
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -15,7 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 from .errors import ConfigError
 
 __all__ = ["SaveContext", "SavePolicy", "EveryNSteps", "EveryNSeconds", "PerEpoch", "AtSteps",
-           "Schedule", "Custom", "AnyOf", "Never"]  # fmt: skip
+           "Schedule", "OnImprovement", "Custom", "AnyOf", "Never", "metric_number"]  # fmt: skip
 
 
 def check_int(owner: str, name: str, value: Any, minimum: int, fix: str) -> int:
@@ -52,6 +53,9 @@ class SaveContext:
         last_saved_time: ``now`` at that decision, None before the first.
         start_time: ``now`` when the checkpointer started.
         metrics: the metrics passed to ``save_async``.
+        saved_range: for each numeric metric, the ``(lowest, highest)`` finite value passed with
+            an earlier permanent save of this checkpointer (see :func:`metric_number`); empty
+            before the first.  :class:`OnImprovement` compares against it.
     """
 
     step: int
@@ -60,6 +64,15 @@ class SaveContext:
     last_saved_time: float | None
     start_time: float
     metrics: Mapping[str, Any] = field(default_factory=dict)
+    saved_range: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def metric_number(value: Any) -> float | None:
+    """A metric value as a finite float, or None (absent, not a number, a bool, NaN or inf)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    x = float(value)
+    return x if math.isfinite(x) else None
 
 
 @runtime_checkable
@@ -118,13 +131,20 @@ class EveryNSeconds(_Composable):
 
 @dataclass(frozen=True)
 class PerEpoch(_Composable):
-    """Saves at evenly spaced steps within each epoch, and always at each epoch's end.
+    """Saves ``saves_per_epoch`` evenly spaced times in each epoch, the last at the epoch's end.
 
     Epoch ``e`` (1-based) ends at step ``e * steps_per_epoch``; a step's position in its epoch is
-    ``p = (step - 1) % steps_per_epoch + 1``.  A step saves when ``p % interval == 0`` or
-    ``p == steps_per_epoch``.  ``interval`` is ``max(1, steps_per_epoch // saves_per_epoch)``
-    (Axolotl) or ``max(1, round(fraction * steps_per_epoch))``, halves rounding up.  Step 0 never
-    saves.  Example: 10 steps per epoch, 3 saves per epoch: steps 3, 6, 9, 10, 13, ..., 19, 20.
+    ``p = (step - 1) % steps_per_epoch + 1``.  With ``k = min(saves_per_epoch, steps_per_epoch)``
+    the saves sit at ``p = ceil(i * steps_per_epoch / k)`` for ``i = 1..k``: exactly ``k`` per
+    epoch, whatever ``steps_per_epoch`` is.  Example: 15 steps per epoch, 8 saves per epoch:
+    steps 2, 4, 6, 8, 10, 12, 14, 15, then 17, ..., 30.
+
+    With ``fraction`` the spacing is ``max(1, round(fraction * steps_per_epoch))`` steps (halves
+    round up), restarting each epoch, plus every epoch end: 10 steps per epoch, fraction 0.25:
+    steps 3, 6, 9, 10, 13, ..., 19, 20.  Step 0 never saves.
+
+    This is not Axolotl's ``saves_per_epoch`` (HF Trainer places those saves over the whole run,
+    not per epoch): the ``axolotl`` preset mirrors that exactly.
 
     Args:
         steps_per_epoch: optimizer steps in one epoch.
@@ -151,18 +171,20 @@ class PerEpoch(_Composable):
         elif check_positive("PerEpoch", "fraction", self.fraction, "e.g. 0.25 saves every quarter") > 1:
             raise ConfigError(f"PerEpoch: fraction must be <= 1, got {self.fraction!r}; 1.0 = epoch ends")
 
-    @property
-    def interval(self) -> int:
-        """Steps between saves within an epoch."""
+    @functools.cached_property
+    def positions(self) -> frozenset[int]:
+        """The positions ``p`` (1..steps_per_epoch) within every epoch that save."""
+        n = self.steps_per_epoch
         if self.saves_per_epoch is not None:
-            return max(1, self.steps_per_epoch // self.saves_per_epoch)
-        return max(1, math.floor(float(self.fraction or 1.0) * self.steps_per_epoch + 0.5))
+            k = min(self.saves_per_epoch, n)
+            return frozenset(-(-i * n // k) for i in range(1, k + 1))  # ceil(i * n / k), exact
+        interval = max(1, math.floor(float(self.fraction or 1.0) * n + 0.5))
+        return frozenset([*range(interval, n + 1, interval), n])
 
     def should_save(self, ctx: SaveContext) -> bool:
         if ctx.step < 1:
             return False
-        position = (ctx.step - 1) % self.steps_per_epoch + 1
-        return position % self.interval == 0 or position == self.steps_per_epoch
+        return (ctx.step - 1) % self.steps_per_epoch + 1 in self.positions
 
 
 @dataclass(frozen=True, init=False)
@@ -212,6 +234,62 @@ class Schedule(_Composable):
             return False
         start, every = self.pairs[i]
         return (ctx.step - start) % every == 0
+
+
+@dataclass(frozen=True)
+class OnImprovement(_Composable):
+    """Saves when ``metric`` beats every earlier permanent save's value (HF ``save_strategy="best"``).
+
+    A step saves when its metric, a finite number, is lower (``mode="min"``) or higher
+    (``mode="max"``) than the best value passed with any earlier permanent save of this
+    checkpointer by more than ``min_delta``; the first value seen always saves.  A step without
+    the metric (or with a non-number, NaN or inf) never saves, and is not counted.
+
+    With ``min_delta=0`` this is exactly HF Trainer's ``save_strategy="best"`` (strictly better
+    than the best so far, the first evaluation counts as an improvement): every improvement is
+    saved, so the best save *is* the best value seen.  With ``min_delta > 0`` a run of small
+    improvements saves once their sum exceeds ``min_delta`` (the reference is the last save,
+    as with Keras' and Lightning's ``min_delta``).  Saves made for other reasons (a composed
+    policy, ``force=True``, ``total_steps``) count as well: it saves only checkpoints that
+    would be better than every one saved so far.
+
+    Pure: the best so far comes from ``ctx.saved_range``, which the checkpointer keeps; asking
+    with ``should_save`` does not consume an improvement.  The range starts empty in each
+    checkpointer, so after a restart the first evaluation saves.
+
+    Args:
+        metric: the key in the ``metrics`` passed to ``save_async``, e.g. ``"eval_loss"``.
+        mode: ``"min"`` (lower is better) or ``"max"``.
+        min_delta: the margin an improvement must exceed, >= 0.
+    """
+
+    metric: str
+    mode: str = "min"
+    min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.metric, str) or not self.metric:
+            raise ConfigError(
+                f"OnImprovement: metric must be a metric name, got {self.metric!r}; e.g. 'eval_loss'"
+            )
+        if self.mode not in ("min", "max"):
+            raise ConfigError(f"OnImprovement: mode must be 'min' or 'max', got {self.mode!r}")
+        delta = self.min_delta
+        if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0 <= float(delta) < math.inf:
+            raise ConfigError(
+                f"OnImprovement: min_delta must be a finite number >= 0, got {delta!r}; e.g. 0.0"
+            )
+
+    def should_save(self, ctx: SaveContext) -> bool:
+        value = metric_number(ctx.metrics.get(self.metric))
+        if value is None:
+            return False
+        best = ctx.saved_range.get(self.metric)
+        if best is None:
+            return True
+        if self.mode == "min":
+            return value < best[0] - self.min_delta
+        return value > best[1] + self.min_delta
 
 
 @dataclass(frozen=True)

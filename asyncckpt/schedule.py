@@ -18,6 +18,7 @@ import torch
 from .layout import Kind
 from .options import ScheduleOptions, SnapshotOptions
 from .policy import SaveContext
+from .save_policy import metric_number
 from .triggers import SaveTriggers
 
 __all__ = ["Scheduler", "encode_metrics"]
@@ -58,6 +59,9 @@ class Scheduler:
         self._last_saved: tuple[int, float] | None = None  # last permanent save: (step, monotonic)
         # (step, metrics, whether a permanent save was made) of the last decide(consume=True)
         self._last_seen: tuple[int, dict[str, Any], bool] | None = None
+        # per numeric metric, (lowest, highest) over the permanent saves so far: what
+        # OnImprovement compares against, kept here so that the policy stays pure
+        self._saved_range: dict[str, tuple[float, float]] = {}
 
     @property
     def signal_received(self) -> int | None:
@@ -76,7 +80,15 @@ class Scheduler:
             self._last_seen = (step, metrics, kind is Kind.PERMANENT)
             if kind is Kind.PERMANENT:
                 self._last_saved = (step, time.monotonic())
+                self._remember(metrics)
         return kind
+
+    def _remember(self, metrics: dict[str, Any]) -> None:
+        for name, value in metrics.items():
+            x = metric_number(value)
+            if x is not None:
+                lo, hi = self._saved_range.get(name, (x, x))
+                self._saved_range[name] = (min(lo, x), max(hi, x))
 
     def _decide(self, step: int, metrics: dict[str, Any], force: bool, consume: bool) -> Kind | None:
         if force or step == self.opts.total_steps:
@@ -94,6 +106,7 @@ class Scheduler:
             last_saved_time=self._last_saved[1] if self._last_saved else None,
             start_time=self._start,
             metrics=metrics,
+            saved_range=dict(self._saved_range),
         )
         if policy is None or policy.should_save(ctx):  # type: ignore[union-attr]
             return Kind.PERMANENT

@@ -275,13 +275,13 @@ def test_stats_and_log_line(root: str, caplog: pytest.LogCaptureFixture, executo
 
 
 def test_all_is_complete() -> None:
+    for name in asyncckpt.__all__:  # resolves the lazy names (PEP 562 __getattr__)
+        assert getattr(asyncckpt, name) is not None
     public = {
         n for n, v in vars(asyncckpt).items()
         if not n.startswith("_") and not type(v).__name__ == "module"
     }  # fmt: skip
     assert public == set(asyncckpt.__all__)
-    for name in asyncckpt.__all__:
-        assert getattr(asyncckpt, name) is not None
     for name in ["AsyncCheckpointer", "SaveHandle", "CheckpointInfo", "list_checkpoints", "resume"]:
         assert name in asyncckpt.__all__
 

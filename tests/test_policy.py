@@ -28,6 +28,7 @@ from asyncckpt.policy import (
     KeepLast,
     KeepSteps,
     Never,
+    OnImprovement,
     PerEpoch,
     RetentionPolicy,
     SaveContext,
@@ -40,6 +41,7 @@ from asyncckpt.policy import (
     openpi,
     plan_deletions,
 )
+from asyncckpt.schedule import Scheduler
 
 STEPS = range(1, 101)
 PROPERTY = settings(max_examples=200, deadline=None, derandomize=True)
@@ -87,12 +89,15 @@ def test_every_n_seconds_counts_from_the_last_save_or_the_start() -> None:
 
 def test_per_epoch() -> None:
     three = PerEpoch(10, saves_per_epoch=3)
-    assert three.interval == 3
-    assert saved(three, range(0, 31)) == [3, 6, 9, 10, 13, 16, 19, 20, 23, 26, 29, 30]
+    assert three.positions == {4, 7, 10}  # ceil(10/3), ceil(20/3), 10
+    assert saved(three, range(0, 31)) == [4, 7, 10, 14, 17, 20, 24, 27, 30]
     assert saved(PerEpoch(10, saves_per_epoch=2), range(1, 31)) == [5, 10, 15, 20, 25, 30]
     assert saved(PerEpoch(10, saves_per_epoch=1), range(1, 31)) == [10, 20, 30]
     assert saved(PerEpoch(4, saves_per_epoch=10), range(1, 9)) == list(range(1, 9))
-    assert PerEpoch(10, fraction=0.25).interval == 3  # 2.5 rounds up
+    # the issue's case: 15 steps per epoch, 8 saves per epoch used to save at every step
+    assert saved(PerEpoch(15, saves_per_epoch=8), range(1, 31)) == [2, 4, 6, 8, 10, 12, 14, 15,
+                                                                     17, 19, 21, 23, 25, 27, 29, 30]  # fmt: skip
+    assert PerEpoch(10, fraction=0.25).positions == {3, 6, 9, 10}  # 2.5 rounds up
     assert saved(PerEpoch(10, fraction=0.25), range(1, 21)) == [3, 6, 9, 10, 13, 16, 19, 20]
     assert saved(PerEpoch(10, fraction=1.0), STEPS) == list(range(10, 101, 10))
     assert saved(PerEpoch(7, fraction=0.01), range(1, 8)) == list(range(1, 8))
@@ -210,14 +215,91 @@ def test_step_policies_match_their_definitions(
 
 @PROPERTY
 @given(spe=st.integers(1, 60), per=st.integers(1, 70), epochs=st.integers(1, 4))
-def test_per_epoch_saves_evenly_and_at_every_epoch_end(spe: int, per: int, epochs: int) -> None:
+def test_per_epoch_saves_exactly_k_times_per_epoch_the_last_at_its_end(
+    spe: int, per: int, epochs: int
+) -> None:
     p = PerEpoch(spe, saves_per_epoch=per)
     out = saved(p, range(0, spe * epochs + 1))
+    k = min(per, spe)
     for e in range(epochs):
         in_epoch = [s - e * spe for s in out if e * spe < s <= (e + 1) * spe]
-        assert in_epoch[-1] == spe
-        assert in_epoch == sorted({*range(p.interval, spe + 1, p.interval), spe})
-        assert min(per, spe) <= len(in_epoch) <= 2 * min(per, spe) + 1
+        assert len(in_epoch) == k and in_epoch[-1] == spe
+        gaps = {b - a for a, b in zip([0, *in_epoch], in_epoch)}
+        assert gaps <= {spe // k, -(-spe // k)}  # evenly spaced: gaps differ by at most one
+
+
+def _decisions(policy: SavePolicy, metrics: dict[int, dict[str, Any]]) -> list[int]:
+    """The steps the real Scheduler saves for ``policy``, in step order."""
+    sched = Scheduler(ScheduleOptions(policy=policy), None)
+    try:
+        return [s for s in sorted(metrics) if sched.decide(s, metrics[s]) is not None]
+    finally:
+        sched.close()
+
+
+LOSSES = {1: 0.9, 2: 0.7, 3: 0.8, 4: 0.7, 5: 0.65, 6: 0.2, 7: 0.3, 8: 0.1}
+
+
+def test_on_improvement_saves_strict_improvements_the_first_included() -> None:
+    seq = {s: {"loss": v} for s, v in LOSSES.items()}
+    assert _decisions(OnImprovement("loss"), seq) == [1, 2, 5, 6, 8]  # 4 ties 2: not better
+    assert _decisions(OnImprovement("loss", "max"), seq) == [1]
+    acc = {s: {"acc": 1 - v} for s, v in LOSSES.items()}
+    assert _decisions(OnImprovement("acc", mode="max"), acc) == [1, 2, 5, 6, 8]
+
+
+def test_on_improvement_min_delta_measures_from_the_best_save() -> None:
+    drift = {s: {"loss": 1.0 - 0.04 * s} for s in range(0, 11)}  # 1.00, 0.96, ..., 0.60
+    # 0.1 past the best save: 1.00 -> 0.88 (step 3) -> 0.76 (6) -> 0.64 (9); slow drift still saves
+    assert _decisions(OnImprovement("loss", min_delta=0.1), drift) == [0, 3, 6, 9]
+
+
+def test_on_improvement_without_the_metric_never_saves_and_does_not_count() -> None:
+    seq: dict[int, dict[str, Any]] = {
+        1: {}, 2: {"loss": 0.5}, 3: {"acc": 0.1}, 4: {"loss": float("nan")}, 5: {"loss": "low"},
+        6: {"loss": True}, 7: {"loss": 0.6}, 8: {"loss": float("-inf")}, 9: {"loss": 0.4},
+    }  # fmt: skip
+    assert _decisions(OnImprovement("loss"), seq) == [2, 9]
+
+
+def test_on_improvement_is_pure_asking_does_not_consume() -> None:
+    p = OnImprovement("loss")
+    c = SaveContext(5, 0.0, 4, 0.0, 0.0, {"loss": 0.5}, saved_range={"loss": (0.6, 0.9)})
+    assert all(p.should_save(c) for _ in range(3))
+    assert not p.should_save(dataclasses.replace(c, saved_range={"loss": (0.5, 0.9)}))
+    sched = Scheduler(ScheduleOptions(policy=p), None)
+    try:
+        for _ in range(3):  # should_save asks without side effects
+            assert sched.decide(1, {"loss": 0.5}, consume=False) is not None
+        assert sched.decide(1, {"loss": 0.5}) is not None  # the real call saves...
+        assert sched.decide(2, {"loss": 0.5}) is None  # ...and the next equal value does not
+    finally:
+        sched.close()
+
+
+def test_on_improvement_composes_and_counts_every_permanent_save() -> None:
+    seq = {s: {"loss": v} for s, v in LOSSES.items()}
+    either = EveryNSteps(3) | OnImprovement("loss")
+    assert isinstance(either, AnyOf)
+    assert _decisions(either, seq) == [1, 2, 3, 5, 6, 8]
+    # a periodic save with a better value raises the bar for the improvement policy
+    seq2 = {1: {"loss": 0.9}, 2: {"loss": 0.5}, 3: {"loss": 0.3}, 4: {"loss": 0.4}, 5: {"loss": 0.35}}
+    assert _decisions(AtSteps([2]) | OnImprovement("loss", min_delta=0.15), seq2) == [1, 2, 3]
+
+
+def test_hf_trainer_save_strategies() -> None:
+    losses = {s: {"eval_loss": LOSSES[s // 10]} for s in range(10, 81, 10)}
+    best = hf_trainer(metric_for_best_model="eval_loss", save_strategy="best", save_total_limit=1)
+    assert simulate(best, range(10, 81, 10), lambda s: losses[s], close=True) == ([10, 20, 50, 60, 80], [80])
+    epoch = hf_trainer(save_strategy="epoch", steps_per_epoch=7, total_steps=20)
+    assert simulate(epoch, range(1, 21))[0] == [7, 14, 20]
+    frac = hf_trainer(0.125, total_steps=15)
+    assert simulate(frac, range(1, 16))[0] == [2, 4, 6, 8, 10, 12, 14, 15]
+    assert simulate(hf_trainer(save_strategy="no"), range(1, 21), close=True) == ([], [])
+    assert hf_trainer(500.0)["schedule"].policy == EveryNSteps(500)
+    # greater_is_better defaults as in HF: by whether the name ends in "loss"
+    assert hf_trainer(10, 1, "eval_loss")["keep"][1] == KeepBest(1, "eval_loss", "min", keep_missing=False)
+    assert hf_trainer(10, 1, "accuracy")["keep"][1] == KeepBest(1, "accuracy", "max", keep_missing=False)
 
 
 # --------------------------------------------------------------------------- retention
@@ -487,28 +569,33 @@ def simulate(
     options: dict[str, Any],
     steps: Iterable[int],
     metrics_at: Callable[[int], dict[str, Any]] = lambda step: {},
+    close: bool = False,
 ) -> tuple[list[int], list[int]]:
-    """Drive preset options as the checkpointer does: decide, commit, then apply retention.
+    """Drive preset options as the checkpointer does: the real Scheduler decides, the step
+    commits, then retention applies; ``close=True`` adds what ``close()`` would save.
 
-    ``policy=None`` means every call saves.  Returns (steps saved, steps left at the end).
+    Returns (steps saved, steps left at the end).
     """
-    sched, keep = options["schedule"], options["keep"]
-    save, total = sched.policy, sched.total_steps
+    sched = Scheduler(options["schedule"], None)
     history: list[CheckpointRecord] = []
     saved_steps: list[int] = []
-    last_step: int | None = None
-    last_time: float | None = None
-    for step in steps:
-        now = 10.0 * step
-        c = SaveContext(step, now, last_step, last_time, 0.0, metrics_at(step))
-        if not options["enabled"]:
-            continue
-        if (save is None or save.should_save(c)) or step == total:
-            saved_steps.append(step)
-            last_step, last_time = step, now
-            history.append(CheckpointRecord(step, 1e9 + now, metrics_at(step)))
-            doomed = set(plan_deletions(history, keep, 1e9 + now))
-            history = [r for r in history if r.step not in doomed]
+
+    def commit(step: int, metrics: dict[str, Any]) -> None:
+        nonlocal history
+        saved_steps.append(step)
+        history.append(CheckpointRecord(step, 1e9 + step, metrics))
+        doomed = set(plan_deletions(history, options["keep"], 1e9 + step))
+        history = [r for r in history if r.step not in doomed]
+
+    try:
+        for step in steps:
+            if options["enabled"] and sched.decide(step, metrics_at(step)) is not None:
+                commit(step, metrics_at(step))
+        final = sched.final_step(None) if close and options["enabled"] else None
+        if final is not None:
+            commit(*final)
+    finally:
+        sched.close()
     return saved_steps, sorted(r.step for r in history)
 
 
@@ -558,15 +645,17 @@ def test_hf_trainer_without_a_limit_keeps_everything() -> None:
 
 
 def test_axolotl() -> None:
-    opts = axolotl(steps_per_epoch=10, saves_per_epoch=3, save_total_limit=2)
+    """HF's interval over the whole run (see tests/test_presets_tools.py for HF itself)."""
+    opts = axolotl(steps_per_epoch=10, saves_per_epoch=3, save_total_limit=2, num_epochs=3)
     saved_steps, left = simulate(opts, range(1, 31))
-    assert saved_steps == [3, 6, 9, 10, 13, 16, 19, 20, 23, 26, 29, 30]
-    assert left == [29, 30]
-    assert simulate(axolotl(10, 3, 2, total_steps=25), range(1, 26)) == (
-        [3, 6, 9, 10, 13, 16, 19, 20, 23, 25],
-        [23, 25],
+    assert saved_steps == [4, 8, 12, 16, 20, 24, 28, 30]  # ceil(30 / 9) = 4, and the end
+    assert left == [28, 30]
+    assert simulate(axolotl(10, 3, 2, total_steps=25, num_epochs=3), range(1, 26)) == (
+        [3, 6, 9, 12, 15, 18, 21, 24, 25],  # ceil(25 / 9) = 3
+        [24, 25],
     )
-    assert simulate(axolotl(10, 1), range(1, 31))[1] == [10, 20, 30]
+    assert simulate(axolotl(10, 1, num_epochs=3), range(1, 31))[1] == [10, 20, 30]
+    assert simulate(axolotl(10, 1), range(1, 11))[0] == [10]  # fraction 1.0: HF's epoch strategy
 
 
 def test_openpi() -> None:
@@ -588,10 +677,11 @@ def test_h2o_llm_studio() -> None:
     epochs = range(10, 51, 10)  # the trainer saves after each evaluation
     losses = {10: 0.5, 20: 0.3, 30: 0.4, 40: 0.35, 50: 0.45}
     assert simulate(h2o_llm_studio("last", total_steps=50), epochs) == (list(epochs), [50])
-    best = h2o_llm_studio("best")
-    assert simulate(best, epochs, lambda s: {"loss": losses[s]}) == (list(epochs), [20, 50])
+    assert simulate(h2o_llm_studio("each_evaluation_epoch"), epochs) == (list(epochs),) * 2
+    best = h2o_llm_studio("best")  # saves only improvements, so the newest is the best
+    assert simulate(best, epochs, lambda s: {"loss": losses[s]}, close=True) == ([10, 20], [20])
     acc = h2o_llm_studio("best", metric="acc", greater_is_better=True)
-    assert simulate(acc, epochs, lambda s: {"acc": losses[s]})[1] == [10, 50]
+    assert simulate(acc, epochs, lambda s: {"acc": losses[s]}, close=True) == ([10], [10])
     for spelling in ("disabled", "disable"):
         off = h2o_llm_studio(spelling)
         assert off["enabled"] is False and off["keep"] == []
@@ -605,8 +695,18 @@ def test_h2o_llm_studio() -> None:
         (lambda: hf_trainer(10, 0), r"hf_trainer: save_total_limit must be an int >= 1.*use None"),
         (lambda: hf_trainer(10, total_steps=0), r"hf_trainer: total_steps must be an int >= 1"),
         (lambda: hf_trainer(10, 2, "loss", total_steps=True), r"hf_trainer: total_steps must be an int >= 1"),
-        (lambda: axolotl(10, 0), r"PerEpoch: saves_per_epoch must be an int >= 1"),
-        (lambda: axolotl(0, 2), r"PerEpoch: steps_per_epoch must be an int >= 1"),
+        (lambda: axolotl(10, 0), r"axolotl: saves_per_epoch must be an int >= 1"),
+        (lambda: axolotl(0, 2), r"axolotl: steps_per_epoch must be an int >= 1"),
+        (lambda: axolotl(10, 2, num_epochs=0), r"axolotl: num_epochs must be a finite number > 0"),
+        (lambda: hf_trainer(0.5), r"hf_trainer: save_steps=0.5 is a fraction of the run; pass total_steps"),
+        (lambda: hf_trainer(save_strategy="epoch"), r"hf_trainer: steps_per_epoch must be an int >= 1"),
+        (lambda: hf_trainer(save_strategy="best"), r"hf_trainer: save_strategy='best' needs metric_for"),
+        (lambda: hf_trainer(save_strategy="often"), r"hf_trainer: save_strategy must be 'steps', 'epoch'"),
+        (lambda: OnImprovement("loss", "lower"), r"OnImprovement: mode must be 'min' or 'max'"),
+        (
+            lambda: OnImprovement("loss", min_delta=-1),
+            r"OnImprovement: min_delta must be a finite number >= 0",
+        ),
         (lambda: axolotl(10, 2, -1), r"axolotl: save_total_limit"),
         (lambda: openpi(0, None, 100), r"openpi: save_interval must be an int >= 1"),
         (lambda: openpi(10, 0, 100), r"openpi: keep_period must be an int >= 1"),
@@ -614,8 +714,11 @@ def test_h2o_llm_studio() -> None:
         (lambda: internlm(0, None, 100), r"internlm: checkpoint_every"),
         (lambda: internlm(10, 0, 100), r"internlm: snapshot_every must be an int >= 1"),
         (lambda: internlm(10, 5, 0), r"internlm: total_steps"),
-        (lambda: h2o_llm_studio("sometimes"), r"h2o_llm_studio: mode must be 'last', 'best' or 'disabled'"),
-        (lambda: h2o_llm_studio("best", metric=""), r"KeepBest: metric must be a metric name"),
+        (
+            lambda: h2o_llm_studio("sometimes"),
+            r"h2o_llm_studio: mode must be 'last', 'each_evaluation_epoch', 'best'",
+        ),
+        (lambda: h2o_llm_studio("best", metric=""), r"OnImprovement: metric must be a metric name"),
     ],
 )
 def test_preset_config_errors(make: Callable[[], object], message: str) -> None:
