@@ -152,9 +152,9 @@ def test_large_tensor_crc_computed_beside_the_write_is_right(tmp_path) -> None:
     """Tensors of 4 MiB and more get their crc on a helper thread while the bytes are written:
     the stored crc matches the file, and a flipped byte in the data is caught."""
     import os
-    from asyncckpt.checksum import DEFAULT, checksum
 
     from asyncckpt.catalog import read_manifest
+    from asyncckpt.checksum import DEFAULT, checksum
     from asyncckpt.reader import verify_files
     from asyncckpt.storage import LocalStorage
 

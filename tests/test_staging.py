@@ -10,8 +10,8 @@ import torch
 
 from asyncckpt.blob import host_alias
 from asyncckpt.errors import StagingError
-from asyncckpt.options import StagingOptions
 from asyncckpt.file_layout import BLOB_ALIGN, PAGE
+from asyncckpt.options import StagingOptions
 from asyncckpt.staging import Lease, Stager, StagingPlan, StagingPool, copy_into
 from asyncckpt.state import flatten_state
 

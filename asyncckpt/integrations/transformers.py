@@ -33,7 +33,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -108,7 +108,7 @@ class _Rng:
         name, keys, pos, has_gauss, cached = np.random.get_state()
         sd: dict[str, Any] = {
             "python": [version, list(internal), gauss],
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64))  # type: ignore[attr-defined], int(pos), int(has_gauss), float(cached)],
             "cpu": torch.random.get_rng_state(),
         }
         if torch.cuda.is_available():
@@ -152,6 +152,18 @@ class AsyncCheckpointMixin:
         asyncckpt_options: other :class:`~asyncckpt.AsyncCheckpointer` options
             (``staging``, ``writer``, ``storage``, ``keep`` added to HF's rotation, ...).
     """
+
+    if TYPE_CHECKING:  # what the Trainer this is mixed into provides
+        args: Any
+        model: Any
+        optimizer: Any
+        lr_scheduler: Any
+        accelerator: Any
+        hp_search_backend: Any
+        store_flos: Any
+        state: Any
+        callback_handler: Any
+        control: Any
 
     def __init__(self, *args: Any, asyncckpt_root: str | None = None,
                  asyncckpt_options: dict[str, Any] | None = None, **kwargs: Any) -> None:  # fmt: skip
@@ -330,7 +342,7 @@ class AsyncCheckpointMixin:
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
         root, step = locate(best) if best else (None, None)
-        if step is None:
+        if step is None or root is None:
             return super()._load_best_model()  # type: ignore[misc]
         if self.asyncckpt is not None:
             self.asyncckpt.wait()  # the best step may still be in flight
