@@ -106,9 +106,10 @@ class _Rng:
     def state_dict(self) -> dict[str, Any]:
         version, internal, gauss = random.getstate()
         name, keys, pos, has_gauss, cached = np.random.get_state()
+        keys = np.asarray(keys, dtype=np.int64)
         sd: dict[str, Any] = {
             "python": [version, list(internal), gauss],
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64))  # type: ignore[attr-defined], int(pos), int(has_gauss), float(cached)],
+            "numpy": [name, torch.from_numpy(keys), int(pos), int(has_gauss), float(cached)],
             "cpu": torch.random.get_rng_state(),
         }
         if torch.cuda.is_available():
