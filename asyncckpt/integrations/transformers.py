@@ -105,8 +105,8 @@ class _Rng:
 
     def state_dict(self) -> dict[str, Any]:
         version, internal, gauss = random.getstate()
-        name, keys, pos, has_gauss, cached = np.random.get_state()
-        keys = np.asarray(keys, dtype=np.int64)
+        name, raw_keys, pos, has_gauss, cached = np.random.get_state()
+        keys = np.asarray(raw_keys, dtype=np.int64)
         sd: dict[str, Any] = {
             "python": [version, list(internal), gauss],
             "numpy": [name, torch.from_numpy(keys), int(pos), int(has_gauss), float(cached)],
