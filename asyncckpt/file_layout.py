@@ -73,17 +73,24 @@ class FileLayout:
     total_bytes: int
     templates: dict[str, BlobTemplate]  # by fqn; written into each slot once
 
-    def fill(self, buffer: torch.Tensor) -> None:
-        """Write every blob's prefix and suffix into a zeroed slot ``buffer``."""
-        offsets = {e.fqn: e for e in self.entries}
+    def restore(self, buffer: torch.Tensor) -> None:
+        """Write every blob's prefix and suffix into slot ``buffer``, and zero the gaps and
+        the page padding: every byte of the slot but the tensors' own."""
+
+        def put(at: int, data: bytes) -> None:
+            if data:
+                buffer[at : at + len(data)].copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+
+        nbytes = {e.fqn: e.nbytes for e in self.entries}
         for f in self.files:
+            pos = 0
             for b in f.blobs:
                 t = self.templates[b.fqn]
-                start = f.start + b.start
-                buffer[start : start + len(t.prefix)].copy_(torch.frombuffer(bytearray(t.prefix), dtype=torch.uint8))
-                end = f.start + b.data_offset + offsets[b.fqn].nbytes
-                if t.suffix:
-                    buffer[end : end + len(t.suffix)].copy_(torch.frombuffer(bytearray(t.suffix), dtype=torch.uint8))
+                buffer[f.start + pos : f.start + b.start].zero_()
+                put(f.start + b.start, t.prefix)
+                put(f.start + b.data_offset + nbytes[b.fqn], t.suffix)
+                pos = b.start + b.length
+            buffer[f.start + f.size : f.start + f.padded].zero_()
 
 
 def split(sizes: dict[str, int], n: int) -> list[list[str]]:

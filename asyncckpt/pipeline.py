@@ -304,10 +304,14 @@ class Pipeline:
         pool = self.stager.pool
         slot = pool.acquire() if pool is not None else None  # read into the staging buffers
         try:
-            views = pool.views(slot) if pool is not None and slot is not None else None
-            loaded = resume_in(sources, self.selector.state, step=step, pool=views, **opts)
+            views = region = None
+            if pool is not None and slot is not None:
+                views, buf = pool.views(slot), pool.buffer(slot)
+                region = (buf.data_ptr(), buf.numel())
+            loaded = resume_in(sources, self.selector.state, step=step, pool=views, region=region, **opts)
         finally:
             if pool is not None and slot is not None:
+                pool.restore(slot)  # whole files were read into it: the blobs' headers again
                 pool.release(slot)
         if loaded is not None:
             self._abandon_after(loaded)

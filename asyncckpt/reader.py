@@ -9,6 +9,7 @@ resharding when the live tensors are laid out differently from the saved chunks.
 
 from __future__ import annotations
 
+import ctypes
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,9 +22,9 @@ from . import layout
 from .blob import dcp_metadata, read_chunk_into
 from .checksum import ALGORITHMS, checksum
 from .errors import CorruptCheckpointError
-from .file_layout import BLOB_ALIGN
+from .file_layout import BLOB_ALIGN, PAGE, round_up
 from .manifest import Chunk, Manifest
-from .storage import RangedReads, Storage
+from .storage import BufferReads, RangedReads, Storage
 
 __all__ = ["ManifestReader", "coalesce", "shard_files", "file_problems", "verify_files"]
 
@@ -72,13 +73,26 @@ class ManifestReader(StorageReader):
 
     READ_CONCURRENCY = 8
     COALESCE_BYTES = 32 << 20  # neighbouring blobs share one read (one GET) up to this span
+    PIECE = 16 << 20  # a whole-file read is this many bytes per request, READ_CONCURRENCY in flight
 
-    def __init__(self, storage: Storage, directory: str, manifest: Manifest, progress: Any = None) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        directory: str,
+        manifest: Manifest,
+        progress: Any = None,
+        region: tuple[int, int] | None = None,
+    ) -> None:
+        """``region`` (address, bytes): memory the reader may overwrite as a whole, the
+        staging slot holding the shadows.  A shard file whose blobs all land in it at their
+        file offsets (the slot's layout is the file's: ``file_layout``) is read whole,
+        straight into it."""
         super().__init__()
         self.storage = storage
         self.directory = directory
         self.manifest = manifest
         self.progress = progress  # called with the byte count of each blob read
+        self.region = region
         self._chunks: dict[tuple[str, tuple[int, ...]], Chunk] = {
             (fqn, tuple(c.offsets)): c for fqn, t in manifest.tensors.items() for c in t.chunks
         }
@@ -114,6 +128,10 @@ class ManifestReader(StorageReader):
                     f"{self.directory}: no stored chunk for {idx.fqn} at {list(idx.offset or ())}"
                 )
             by_file.setdefault(chunk.file, []).append((chunk, req))
+        with ThreadPoolExecutor(self.READ_CONCURRENCY, "asyncckpt-read") as pool:
+            for name in list(by_file):
+                if self._whole_file(name, by_file[name], planner, pool):
+                    del by_file[name]
         # Groups of neighbouring blobs, read concurrently: one ranged GET each on an object
         # store; on a local disk, each group reads straight into its tensors on its own file
         # handle, and the reads and checksums of different groups overlap (both release the GIL).
@@ -142,6 +160,63 @@ class ManifestReader(StorageReader):
         fut: torch.futures.Future[None] = torch.futures.Future()
         fut.set_result(None)
         return fut
+
+    def _whole_file(
+        self, name: str, reqs: list[tuple[Chunk, Any]], planner: LoadPlanner, pool: ThreadPoolExecutor
+    ) -> bool:
+        """Read file ``name`` in one pass into the region when its blobs' targets sit there at
+        their file offsets; pieces in flight in parallel, each blob's checksum as soon as its
+        bytes are in.  False (nothing read) when the targets are laid out otherwise."""
+        if self.region is None or not isinstance(self.storage, BufferReads):
+            return False
+        dtype = {fqn: t.torch_dtype for fqn, t in self.manifest.tensors.items()}
+        base, dests = None, []
+        for chunk, req in reqs:
+            dest = planner.resolve_tensor(req).detach()
+            if not (
+                list(req.storage_offsets) == [0] * len(chunk.sizes)
+                and list(req.lengths) == chunk.sizes
+                and dest.device.type == "cpu"
+                and dest.is_contiguous()
+                and dest.dtype == dtype[req.storage_index.fqn]
+                and list(dest.shape) == chunk.sizes
+            ):
+                return False
+            at = dest.data_ptr() - chunk.data_offset if chunk.nbytes else None
+            if at is not None:
+                if base is not None and at != base:
+                    return False
+                base = at
+            dests.append(dest)
+        size = self.manifest.files[name]["size"]
+        padded = round_up(size, PAGE)
+        lo, n = self.region
+        if base is None or base % PAGE or base < lo or base + padded > lo + n:
+            return False
+        path = layout.join(self.directory, name)
+        out = memoryview((ctypes.c_char * padded).from_address(base)).cast("B")
+        starts = range(0, padded, self.PIECE)
+        reads = [pool.submit(self.storage.read_into, path, a, out[a : a + self.PIECE]) for a in starts]
+        pending = sorted(reqs, key=lambda cr: cr[0].offset)
+        got = 0
+        for a, fut in zip(starts, reads):
+            got = a + fut.result()
+            if got < min(size, a + self.PIECE):
+                raise CorruptCheckpointError(f"{path}: file ended after {got} of {size} bytes; the shard is truncated")
+            while pending and pending[0][0].offset + pending[0][0].length <= got:
+                chunk, req = pending.pop(0)  # checked while the next pieces are read
+                crc = checksum(chunk.algo, out[chunk.offset : chunk.offset + chunk.length])
+                if crc != chunk.crc:
+                    raise CorruptCheckpointError(
+                        f"{path} ({req.storage_index.fqn}): checksum mismatch ({chunk.algo} {crc:#010x}, manifest "
+                        f"says {chunk.crc:#010x}); the file is corrupt"
+                    )
+        for (chunk, req), dest in zip(reqs, dests):
+            self.bytes_read += chunk.length
+            if self.progress is not None:
+                self.progress(chunk.length)
+            planner.commit_tensor(req, dest)
+        return True
 
     def _read_one(self, f: Any, chunk: Chunk, req: Any, planner: LoadPlanner, where: str) -> None:
         dest = planner.resolve_tensor(req).detach()

@@ -43,11 +43,14 @@ def load_checkpoint(
     cast: bool = False,
     require: Sequence[str] = (),
     pool: Mapping[str, torch.Tensor] | None = None,
+    region: tuple[int, int] | None = None,
 ) -> None:
     """Load one validated checkpoint into ``state``, all or nothing (through DCP: it reshards).
 
     Phase 1 checks the structure and reads every byte into shadow buffers (``pool`` where it
     fits), verifying every checksum; only then phase 2 copies them into the live state.
+    ``region`` (address, bytes) is the staging slot behind ``pool``, which the reader may
+    overwrite whole: shard files laid out as the slot are read straight into it.
     """
     problem: str | None = None
     try:
@@ -73,7 +76,9 @@ def load_checkpoint(
                 warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
                 dcp.load(
                     lp.shadows,
-                    storage_reader=ManifestReader(storage, step_dir, manifest, bar.update if bar else None),
+                    storage_reader=ManifestReader(
+                        storage, step_dir, manifest, bar.update if bar else None, region=region
+                    ),
                     planner=DefaultLoadPlanner(allow_partial_load=True),
                     no_dist=no_dist,
                 )
@@ -222,7 +227,8 @@ def resume_in(
     **opts: Any,
 ) -> int | None:
     """``resume`` over ``(storage, root)`` sources; for the same step, earlier sources win.
-    ``opts`` are :func:`load_checkpoint`'s (strict, exclude, allow_missing, cast, require, pool).
+    ``opts`` are :func:`load_checkpoint`'s (strict, exclude, allow_missing, cast, require, pool,
+    region).
 
     A candidate deleted while it is read (retention in a running trainer) is skipped without
     a warning, and the listing is taken again if nothing else was loadable.  A storage error

@@ -103,7 +103,7 @@ class StagingPool:
                     buf = raw[skip : skip + size]
                 buf.zero_()  # fault every page in now, not during the first save
                 if plan.layout is not None:
-                    plan.layout.fill(buf)  # the blobs' prefixes and suffixes, once per slot
+                    plan.layout.restore(buf)  # the blobs' prefixes and suffixes, once per slot
                 self._buffers.append(buf)
         except (RuntimeError, OSError) as e:
             self.close()
@@ -152,6 +152,12 @@ class StagingPool:
     def wait_idle(self, timeout: float | None = None) -> bool:
         with self._cv:
             return self._cv.wait_for(lambda: len(self._free) == self.slots, timeout=timeout)
+
+    def restore(self, slot: int) -> None:
+        """Put back the slot's headers and zero padding (a resume may have read whole files
+        into it); the tensors' bytes are left as they are."""
+        if self.plan.layout is not None:
+            self.plan.layout.restore(self._buffers[slot])
 
     def shm_names(self) -> list[str] | None:
         """Names of the shared-memory segments (one per slot), or None for private memory."""

@@ -8,6 +8,8 @@ an optional capability, a ``runtime_checkable`` protocol checked with ``isinstan
   Without it (object stores), a step commits when its ``manifest.json`` is written last.
 - :class:`BufferWrites`: a whole file from memory in one call: ``O_DIRECT`` on local
   disks that take it, parallel multipart parts on S3.
+- :class:`BufferReads`: local disks; a resume reads whole shard files straight into the
+  staging slot (``O_DIRECT``, several pieces in flight).
 - :class:`RangedReads`: object stores; loads issue concurrent ranged GETs.
 - :class:`MultipartUploads`: S3; ``gc`` lists and aborts uploads killed writers left open.
 - :class:`RootCheck`: fail at construction when a bucket is missing.
@@ -23,6 +25,7 @@ from typing import Any
 
 from .base import (
     AtomicRename,
+    BufferReads,
     BufferWrites,
     MultipartUploads,
     RangedReads,
@@ -43,6 +46,7 @@ __all__ = [
     "Stat",
     "AtomicRename",
     "BufferWrites",
+    "BufferReads",
     "RangedReads",
     "MultipartUploads",
     "RootCheck",

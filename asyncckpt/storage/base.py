@@ -113,6 +113,17 @@ class BufferWrites(Protocol):
 
 
 @runtime_checkable
+class BufferReads(Protocol):
+    """A backend that reads a file's bytes straight into memory (local disks: ``pread``,
+    with ``O_DIRECT`` when the memory, offset and length are page-aligned)."""
+
+    def read_into(self, path: str, offset: int, out: memoryview) -> int:
+        """Fill ``out`` from ``path`` at ``offset``; returns the bytes read (fewer only at
+        the end of the file)."""
+        ...
+
+
+@runtime_checkable
 class RangedReads(Protocol):
     """A backend where a byte range is one request; loads fetch many concurrently."""
 
