@@ -41,7 +41,15 @@ class LocalStorage:
     retries = 0
 
     def __init__(self, direct_io: bool | None = None) -> None:
-        self.direct = DirectIO(direct_io)
+        self._direct = DirectIO(direct_io)
+
+    @property
+    def direct(self) -> DirectIO:
+        """The root's direct-I/O state (a subclass that skips ``__init__`` gets the default)."""
+        d = self.__dict__.get("_direct")
+        if d is None:
+            d = self.__dict__["_direct"] = DirectIO(None)
+        return d
 
     def makedirs(self, path: str) -> None:
         try:
