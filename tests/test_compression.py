@@ -251,3 +251,28 @@ def test_local_first_tier_uploads_compressed_steps(s3, tmp_path) -> None:
     fresh = {"w": torch.zeros(1 << 20)}
     assert resume(root, fresh, storage_options=opts) == 1  # from the remote copy
     assert_same(snapshot(fresh), expected)
+
+
+def test_a_write_fault_mid_stream_commits_nothing_and_the_previous_step_loads(root: str) -> None:
+    from asyncckpt import StorageOptions, WriteError
+
+    from .helpers import FaultyStorage
+
+    g = torch.Generator().manual_seed(4)
+    state = {"w": (torch.randn(6 << 20, generator=g) * 0.02).to(torch.bfloat16)}
+    storage = FaultyStorage()
+    ck = AsyncCheckpointer(root, state, writer=LZ4, storage=StorageOptions(backend=storage))
+    ck.save_async(1).result()
+    step1 = snapshot(state)
+    state["w"].neg_()
+    storage.budget[0] = 5 << 20  # fails after some compressed chunks were written
+    h = ck.save_async(2)
+    with pytest.raises(WriteError) as ei:
+        h.result()
+    assert "injected" in str(ei.value.__cause__)
+    ck.close()
+    assert not os.path.exists(_step(root, 2))
+    assert os.listdir(os.path.join(root, ".tmp")) == []
+    fresh = {"w": torch.zeros_like(state["w"])}
+    assert resume(root, fresh) == 1
+    assert_same(snapshot(fresh), step1)
