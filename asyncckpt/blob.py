@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from .checksum import checksum
+from .compressed import read_record_into
 from .errors import CorruptCheckpointError
 from .manifest import Chunk, TensorEntry
 
@@ -260,8 +261,11 @@ def _read_exact(f: Any, n: int, where: str) -> bytes:
     return bytes(buf)
 
 
-def read_chunk_into(f: Any, chunk: Chunk, out: torch.Tensor, where: str) -> None:
-    """Read ``chunk``'s blob: raw bytes into contiguous CPU ``out``, crc over the whole blob."""
+def read_chunk_into(f: Any, chunk: Chunk, out: torch.Tensor, where: str, pool: Any = None) -> None:
+    """Read ``chunk``'s blob: raw bytes into contiguous CPU ``out``, crc over the whole blob.
+
+    A compressed record (``chunk.codec``) is decoded straight into ``out`` instead, its
+    chunks on ``pool`` (a ``ThreadPoolExecutor``) when given."""
     if (
         out.device.type != "cpu"
         or not out.is_contiguous()
@@ -271,6 +275,14 @@ def read_chunk_into(f: Any, chunk: Chunk, out: torch.Tensor, where: str) -> None
             f"{where}: read target must be a contiguous CPU tensor of {chunk.nbytes} bytes, got "
             f"{out.device} {list(out.shape)} {out.dtype}"
         )
+    if chunk.codec is not None:
+        mv = (
+            memoryview((ctypes.c_char * chunk.nbytes).from_address(out.data_ptr())).cast("B")
+            if chunk.nbytes
+            else memoryview(bytearray())
+        )
+        read_record_into(f, chunk, mv, where, pool)
+        return
     head_len = chunk.data_offset - chunk.offset
     tail_len = chunk.offset + chunk.length - chunk.data_offset - chunk.nbytes
     f.seek(chunk.offset)

@@ -29,6 +29,7 @@ import torch
 
 from . import layout
 from .blob import TensorSlot, dcp_metadata
+from .compressed import Compressor
 from .errors import CheckpointTimeoutError, StepExistsError
 from .file_layout import FileImage
 from .handle import CheckpointInfo
@@ -68,13 +69,14 @@ def write_and_commit(
     on_shards_written: Callable[[], None] | None = None,
     should_abort: Callable[[], bool] | None = None,
     pace: Callable[[int], None] | None = None,
+    compressor: Compressor | None = None,
 ) -> SaveOutcome:
     """Write ``req``'s shards from the slot (``files`` laid out in ``buffer``, tensors at
     ``entries``) and commit the step.
 
     ``on_shards_written`` runs once the slot's bytes are durable (the slot may be reused);
     ``should_abort`` is polled between phases (a writer process whose trainer died);
-    ``pace`` caps the bandwidth of shard writes.
+    ``pace`` caps the bandwidth of shard writes; ``compressor`` writes compressed shards.
     """
     t0 = time.perf_counter()
     final = layout.join(req.root, layout.step_dirname(req.step))
@@ -96,7 +98,9 @@ def write_and_commit(
         # the prefix is the step's final name: say whose it is, so gc leaves it alone
         write_small(storage, layout.join(tmp, layout.WRITER_MARKER), req.run_id.encode())
     try:
-        chunks, written = write_shards(storage, tmp, files, entries, buffer, req.rank, pool, pace=pace)
+        chunks, written = write_shards(
+            storage, tmp, files, entries, buffer, req.rank, pool, pace=pace, compressor=compressor
+        )
         if on_shards_written is not None:
             on_shards_written()  # the staging slot may be reused from here on
         _check_abort(should_abort, req.step)
@@ -178,11 +182,14 @@ def write_manifest(
     should_abort: Callable[[], bool] | None = None,
 ) -> None:
     """DCP's ``.metadata`` (added to the manifest's files), then ``manifest.json``: the commit
-    point on an object store, the last file before the rename on POSIX."""
-    meta = pickle.dumps(dcp_metadata(manifest.tensors, paths))
-    manifest.files[layout.DCP_METADATA] = write_small(
-        storage, layout.join(directory, layout.DCP_METADATA), meta
-    )
+    point on an object store, the last file before the rename on POSIX.  A compressed step
+    gets no ``.metadata``: stock DCP cannot read its shards, and a missing ``.metadata`` says
+    so at once rather than failing inside ``torch.load``."""
+    if not any(c.codec for t in manifest.tensors.values() for c in t.chunks):
+        meta = pickle.dumps(dcp_metadata(manifest.tensors, paths))
+        manifest.files[layout.DCP_METADATA] = write_small(
+            storage, layout.join(directory, layout.DCP_METADATA), meta
+        )
     _check_abort(should_abort, manifest.step)
     write_small(storage, layout.join(directory, layout.MANIFEST), manifest.to_json())
 

@@ -33,6 +33,7 @@ from typing import Any
 
 from . import writer_proc as msgs
 from .commit import write_and_commit
+from .compressed import Compressor
 from .errors import WriterDiedError
 from .manifest import dtype_name
 from .options import WriterOptions
@@ -80,6 +81,9 @@ class ThreadExecutor:
             ThreadPoolExecutor(opts.threads, "asyncckpt-io", initializer=lower) if opts.threads > 1 else None
         )
         self._pace = Pacer(opts.max_bandwidth) if opts.max_bandwidth else None
+        self._compressor = Compressor.for_options(
+            opts.compression, opts.compression_level, opts.compression_threads, initializer=lower
+        )
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="asyncckpt-writer", daemon=True)
         self._thread.start()
@@ -105,6 +109,8 @@ class ThreadExecutor:
         self._thread.join()
         if self._files is not None:
             self._files.shutdown(wait=True)
+        if self._compressor is not None:
+            self._compressor.close()
 
     def _loop(self) -> None:
         lower_priority(self.opts.cpu_nice, self.opts.io_priority)  # this thread (and its helpers) only
@@ -122,6 +128,7 @@ class ThreadExecutor:
                     self._files,
                     on_shards_written=job.release,
                     pace=self._pace,
+                    compressor=self._compressor,
                 )
             except BaseException as e:
                 job.fail(e)

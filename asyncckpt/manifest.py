@@ -77,10 +77,15 @@ class Chunk:
     nbytes: int
     crc: int  # of the whole blob [offset, offset + length), by ``algo``
     algo: str = "crc32"  # checksum.ALGORITHMS; the JSON key of ``crc``
+    # a compressed record (compressed.py) of this codec instead of a torch.save blob: then
+    # ``data_offset == offset`` and ``nbytes`` is the decoded size; absent from plain chunks
+    codec: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k not in ("crc", "algo")}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("crc", "algo", "codec")}
         out[self.algo] = self.crc
+        if self.codec is not None:
+            out["codec"] = self.codec
         return out
 
     @classmethod
@@ -284,6 +289,16 @@ class _Parser:
             raise self.fail(f"{ctx}: missing a checksum (one of {', '.join(ALGORITHMS)})")
         return found[0] if found else None
 
+    def codec(self, c: dict[str, Any], ctx: str) -> str | None:
+        """A chunk's codec name, if any: checked for form only; an unknown one is refused
+        when read, naming what to install or upgrade (codec.decoder)."""
+        if "codec" not in c:
+            return None
+        v = c["codec"]
+        if not isinstance(v, str) or not _NAME_RE.match(v):
+            raise self.fail(f"{ctx}.codec: expected a codec name, got {v!r}")
+        return v
+
     def selection(self, sel: Any) -> dict[str, Any]:
         if not isinstance(sel, dict):
             raise self.fail("selection: expected an object")
@@ -328,6 +343,7 @@ class _Parser:
                 data_offset=self.nonneg(c, "data_offset", cctx),
                 nbytes=self.nonneg(c, "nbytes", cctx),
                 crc=0,
+                codec=self.codec(c, cctx),
             )
             chunk.algo = self.algo(c, cctx, required=True) or "crc32"
             chunk.crc = self.nonneg(c, chunk.algo, cctx)
@@ -343,7 +359,10 @@ class _Parser:
             if chunk.file not in files:
                 raise self.fail(f"{cctx}: file {chunk.file!r} is not listed in 'files'")
             end = chunk.offset + chunk.length
-            if not (chunk.offset <= chunk.data_offset <= chunk.data_offset + chunk.nbytes <= end):
+            if chunk.codec is not None:  # a compressed record: nbytes is its decoded size
+                if chunk.data_offset != chunk.offset:
+                    raise self.fail(f"{cctx}: a compressed record's data_offset must be its offset")
+            elif not (chunk.offset <= chunk.data_offset <= chunk.data_offset + chunk.nbytes <= end):
                 raise self.fail(f"{cctx}: data range lies outside its blob")
             if end > files[chunk.file]["size"]:
                 raise self.fail(f"{cctx}: blob ends past the end of {chunk.file}")

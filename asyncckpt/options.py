@@ -222,6 +222,16 @@ class WriterOptions:
         max_bandwidth: a cap on the writer's bytes per second, or None.  A checkpoint then
             takes at least its size / cap to become durable, and holds its staging slot as
             long.
+        compression: None (the default: stock-DCP files), ``"lz4"`` (blosc2 LZ4 with
+            bit-shuffle, about 1 GB/s per core: 1.3x smaller bf16 weights, 1.14-1.22x
+            smaller Adam moments) or ``"zstd"`` (blosc2 ZSTD with byte-shuffle: 1.45x /
+            1.18-1.24x, at a third of the speed; for slow disks and object stores).  Done by
+            the writer, never on the trainer thread.  Compressed checkpoints are asyncckpt's
+            own format: asyncckpt loads them, ``asyncckpt export`` converts them, stock
+            ``dcp.load`` cannot read them.  Needs ``pip install 'asyncckpt[compress]'``.
+        compression_level: 1..9, or None for the setting's default (5 for lz4, 1 for zstd).
+        compression_threads: threads compressing 4 MiB chunks in parallel (the codec
+            releases the GIL).
     """
 
     executor: str = "thread"
@@ -235,6 +245,9 @@ class WriterOptions:
     nice: int | None = None
     io_priority: str = "low"
     max_bandwidth: float | None = None
+    compression: str | None = None
+    compression_level: int | None = None
+    compression_threads: int = 2
 
     @property
     def cpu_nice(self) -> int:
@@ -272,6 +285,16 @@ class WriterOptions:
             raise ConfigError(
                 f"WriterOptions: max_bandwidth must be None or bytes per second >= 1 (e.g. 200e6), got {bw!r}"
             )
+        _int("WriterOptions", "compression_threads", self.compression_threads, 1)
+        if self.compression is not None:
+            from .codec import encoder
+
+            try:  # an unknown setting, a bad level, or blosc2 missing: now, not at the first save
+                encoder(self.compression, self.compression_level)
+            except ConfigError as e:
+                raise ConfigError(f"WriterOptions: {e}") from None
+        elif self.compression_level is not None:
+            raise ConfigError("WriterOptions: compression_level needs compression='lz4' or 'zstd'")
 
 
 @dataclass(frozen=True)

@@ -74,6 +74,7 @@ class ManifestReader(StorageReader):
     READ_CONCURRENCY = 8
     COALESCE_BYTES = 32 << 20  # neighbouring blobs share one read (one GET) up to this span
     PIECE = 16 << 20  # a whole-file read is this many bytes per request, READ_CONCURRENCY in flight
+    DECODE_THREADS = 4  # compressed records: chunks decoded in parallel (the codec releases the GIL)
 
     def __init__(
         self,
@@ -97,6 +98,7 @@ class ManifestReader(StorageReader):
             (fqn, tuple(c.offsets)): c for fqn, t in manifest.tensors.items() for c in t.chunks
         }
         self.bytes_read = 0
+        self._decode: ThreadPoolExecutor | None = None
 
     # -- StorageReader interface
     def reset(self, checkpoint_id: Any = None) -> None:
@@ -155,8 +157,14 @@ class ManifestReader(StorageReader):
                 if not isinstance(src, _RangeFile):
                     src.close()
 
-        with ThreadPoolExecutor(min(self.READ_CONCURRENCY, max(1, len(jobs)))) as pool:
-            list(pool.map(run, jobs))
+        compressed = any(c.codec for _, group in jobs for c, _ in group)
+        self._decode = ThreadPoolExecutor(self.DECODE_THREADS, "asyncckpt-decode") if compressed else None
+        try:
+            with ThreadPoolExecutor(min(self.READ_CONCURRENCY, max(1, len(jobs)))) as pool:
+                list(pool.map(run, jobs))
+        finally:
+            if self._decode is not None:
+                self._decode.shutdown()
         fut: torch.futures.Future[None] = torch.futures.Future()
         fut.set_result(None)
         return fut
@@ -168,6 +176,8 @@ class ManifestReader(StorageReader):
         their file offsets; pieces in flight in parallel, each blob's checksum as soon as its
         bytes are in.  False (nothing read) when the targets are laid out otherwise."""
         if self.region is None or not isinstance(self.storage, BufferReads):
+            return False
+        if any(chunk.codec for chunk, _ in reqs):  # compressed records never match the slot
             return False
         dtype = {fqn: t.torch_dtype for fqn, t in self.manifest.tensors.items()}
         base, dests = None, []
@@ -202,7 +212,9 @@ class ManifestReader(StorageReader):
         for a, fut in zip(starts, reads):
             got = a + fut.result()
             if got < min(size, a + self.PIECE):
-                raise CorruptCheckpointError(f"{path}: file ended after {got} of {size} bytes; the shard is truncated")
+                raise CorruptCheckpointError(
+                    f"{path}: file ended after {got} of {size} bytes; the shard is truncated"
+                )
             while pending and pending[0][0].offset + pending[0][0].length <= got:
                 chunk, req = pending.pop(0)  # checked while the next pieces are read
                 crc = checksum(chunk.algo, out[chunk.offset : chunk.offset + chunk.length])
@@ -230,10 +242,10 @@ class ManifestReader(StorageReader):
             and list(dest.shape) == chunk.sizes
         )
         if direct:
-            read_chunk_into(f, chunk, dest, where)
+            read_chunk_into(f, chunk, dest, where, self._decode)
         else:
             tmp = torch.empty(chunk.sizes, dtype=dtype)
-            read_chunk_into(f, chunk, tmp, where)
+            read_chunk_into(f, chunk, tmp, where, self._decode)
             src = tmp
             for dim, (off, length) in enumerate(zip(req.storage_offsets, req.lengths)):
                 src = src.narrow(dim, off, length)

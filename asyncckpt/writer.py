@@ -22,6 +22,7 @@ import torch
 from . import layout
 from .blob import TensorSlot
 from .checksum import DEFAULT, checksum
+from .compressed import Compressor, write_compressed_file
 from .file_layout import FileImage
 from .manifest import Chunk
 from .storage import BufferWrites, Storage, retrying, wrap_os_error
@@ -131,17 +132,26 @@ def write_shards(
     *,
     algo: str = DEFAULT,
     pace: Pace | None = None,
+    compressor: Compressor | None = None,
 ) -> tuple[dict[str, Chunk], dict[str, dict[str, int]]]:
     """Write this rank's shard files from the slot (in parallel on ``pool``).
 
-    Each file is retried whole, with backoff, on transient errors: the slot still holds it.
+    With ``compressor`` each file is instead a stream of compressed records, one per tensor
+    (``compressed.py``), compressed on the compressor's threads.  Each file is retried
+    whole, with backoff, on transient errors: the slot still holds it.
     """
     shapes = {e.fqn: e for e in entries}
     names = [layout.shard_filename(rank, f.index) for f in files]
 
+    def write(path: str, name: str, f: FileImage) -> tuple[dict[str, Chunk], int]:
+        if compressor is None:
+            return _write_file(storage, path, name, f, buffer, shapes, algo, pace)
+        tensors = [(b.fqn, *((e := shapes[b.fqn]).dtype, e.shape, e.offset, e.nbytes)) for b in f.blobs]
+        return write_compressed_file(storage, path, name, tensors, buffer, compressor, algo, pace)
+
     def one(name: str, f: FileImage) -> tuple[dict[str, Chunk], int]:
         path = layout.join(directory, name)
-        return retrying(storage, lambda: _write_file(storage, path, name, f, buffer, shapes, algo, pace))
+        return retrying(storage, lambda: write(path, name, f))
 
     if pool is not None and len(files) > 1:
         results = list(pool.map(one, names, files))

@@ -133,6 +133,7 @@ def writer_main(conn_in: Connection, conn_out: Connection, parent_pid: int) -> N
 
     from .blob import TensorSlot
     from .commit import write_and_commit
+    from .compressed import Compressor
     from .manifest import DTYPES
     from .priority import Pacer, lower_priority
     from .storage import storage_for
@@ -144,6 +145,7 @@ def writer_main(conn_in: Connection, conn_out: Connection, parent_pid: int) -> N
     opts = config.writer
     try:
         storage = storage_for(config.root, config.storage_options, direct_io=opts.direct_io)
+        compressor = Compressor.for_options(opts.compression, opts.compression_level, opts.compression_threads)
     except BaseException as e:
         conn_out.send(StartFailed(_picklable(e)))
         return
@@ -197,6 +199,7 @@ def writer_main(conn_in: Connection, conn_out: Connection, parent_pid: int) -> N
                 on_shards_written=lambda s=step: conn_out.send(Released(s)),  # type: ignore[misc]
                 should_abort=abort.is_set,
                 pace=pace,
+                compressor=compressor,
             )
         except BaseException as e:
             conn_out.send(Failed(step, _picklable(e)))
