@@ -78,9 +78,12 @@ def step_dirs(storage: Storage, root: str) -> list[tuple[int, Kind, str]]:
     A symlinked step directory would load data from outside the root: it is never listed.
     """
     out = []
+    top = storage.listdir(root)
     for kind in KINDS:
         base = layout.kind_root(root, kind)
-        for name in storage.listdir(base):
+        if base != root and base.rstrip("/").rsplit("/", 1)[-1] not in top:
+            continue  # no snapshots/ (on an object store, listing a missing prefix costs two requests)
+        for name in top if base == root else storage.listdir(base):
             step = layout.parse_step(name)
             if step is None:
                 continue

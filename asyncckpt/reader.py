@@ -28,12 +28,17 @@ from .storage import BufferReads, RangedReads, Storage
 
 __all__ = ["ManifestReader", "coalesce", "shard_files", "file_problems", "verify_files"]
 
+_MEMMOVE_MIN = 1 << 16  # below this, the memoryview copy is as fast and needs no address
+
 
 class _RangeFile:
     """A fetched byte range that reads like the file it came from (absolute offsets)."""
 
     def __init__(self, data: bytes, base: int) -> None:
+        self.data = data
         self.view = memoryview(data)
+        # the bytes object's own buffer (CPython): copies out of it go through memmove
+        self.addr = ctypes.cast(data, ctypes.c_void_p).value if type(data) is bytes else None  # type: ignore[arg-type]
         self.base = base
         self.pos = base
 
@@ -44,7 +49,13 @@ class _RangeFile:
         out = memoryview(buf).cast("B")
         start = self.pos - self.base
         n = max(0, min(out.nbytes, len(self.view) - start))
-        out[:n] = self.view[start : start + n]
+        if n >= _MEMMOVE_MIN and self.addr is not None and not out.readonly:
+            # ctypes.memmove releases the GIL, a memoryview copy holds it: a tensor's worth of
+            # copying (and page faults, into fresh shadow buffers) would stall every other
+            # thread, the event loop receiving the other ranges among them
+            ctypes.memmove(ctypes.addressof(ctypes.c_char.from_buffer(out)), self.addr + start, n)
+        else:
+            out[:n] = self.view[start : start + n]
         self.pos += n
         return n
 
@@ -270,17 +281,22 @@ def file_problems(
 ) -> list[str]:
     """Cheap structural checks: each file (of ``names``, default all) is regular and sized right."""
     problems = []
-    for name, info in manifest.files.items():
-        if names is not None and name not in names:
-            continue
-        path = layout.join(directory, name)
-        st = storage.stat(path)
+    wanted = [(n, i) for n, i in manifest.files.items() if names is None or n in names]
+    paths = [layout.join(directory, n) for n, _ in wanted]
+    sizes = [i["size"] for _, i in wanted]
+    if isinstance(storage, RangedReads) and len(paths) > 1:
+        # one request each on an object store: asked all at once, they cost one round trip
+        with ThreadPoolExecutor(min(ManifestReader.READ_CONCURRENCY, len(paths))) as pool:
+            stats = list(pool.map(storage.stat, paths))
+    else:
+        stats = [storage.stat(p) for p in paths]
+    for path, expected, st in zip(paths, sizes, stats):
         if st is None or st.kind != "file":
             problems.append(f"{path}: missing or not a regular file")
             continue
         size = st.size
-        if size != info["size"]:
-            problems.append(f"{path}: size {size} != {info['size']} recorded in the manifest")
+        if size != expected:
+            problems.append(f"{path}: size {size} != {expected} recorded in the manifest")
     return problems
 
 

@@ -304,3 +304,33 @@ def test_loads_coalesce_neighbouring_blobs_into_few_ranged_gets(s3, monkeypatch)
     assert [[r for _, r in g] for g in groups] == [["a", "c"], ["d"], ["b"]]
     gap = coalesce([(c(0, 100), "a"), (c(200 << 10, 100), "b")], 10**9)
     assert [[r for _, r in g] for g in gap] == [["a"], ["b"]]
+
+
+def test_write_file_uploads_parts_from_reused_buffers_and_aborts_on_a_failed_part(s3, monkeypatch) -> None:
+    """More parts than buffers (5 parts, 2 in flight, a short last one) arrive bit-exact; a
+    part that fails aborts the upload: no object, no open multipart upload."""
+    root, opts, fs = s3
+    storage = FsspecStorage(root, opts, part_size=5 << 20, upload_concurrency=2)
+    size = 23 << 20
+    data = memoryview(bytearray(os.urandom(size) + b"\0" * 4096))  # padded past size, like a slot
+    sent: list[int] = []
+    real = storage.fs._call_s3
+
+    async def counting(method: str, *args, **kwargs):
+        if method == "upload_part":
+            sent.append(len(kwargs["Body"]))
+            if fail and kwargs["PartNumber"] == 3:
+                raise OSError(errno.EIO, "injected part failure")
+        return await real(method, *args, **kwargs)
+
+    monkeypatch.setattr(storage.fs, "_call_s3", counting)
+    fail = False
+    storage.write_file(f"{root}/ok.bin", data, size)
+    assert sorted(sent) == [3 << 20] + [5 << 20] * 4
+    assert fs.cat_file(f"{root}/ok.bin") == bytes(data[:size])
+    fail = True
+    with pytest.raises(StorageError):
+        storage.write_file(f"{root}/bad.bin", data, size)
+    fs.invalidate_cache()
+    assert not fs.exists(f"{root}/bad.bin")
+    assert storage.pending_uploads(root) == []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import inspect
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
@@ -79,6 +81,10 @@ class FsspecStorage:
                 f"no fsspec backend for {self.protocol}:// ({e}); install it, e.g. "
                 "`pip install asyncckpt[s3]` for s3://"
             ) from e
+        # recent s3fs splits a whole-file cat into concurrent ranges, after a HEAD to size
+        # it; manifests and other small files are better read with one GET
+        cat = getattr(self.fs, "_cat_file", None)
+        self._cat_one_get = cat is not None and "max_concurrency" in inspect.signature(cat).parameters
 
     def __repr__(self) -> str:
         return f"FsspecStorage({self.protocol}://, options={self._shown})"
@@ -190,20 +196,43 @@ class FsspecStorage:
         part = max(self.part_size, -(-size // 9_000))  # S3 allows 10,000 parts
         upload = await call("create_multipart_upload", Bucket=bucket, Key=key)
         uid = upload["UploadId"]
-        gate = asyncio.Semaphore(self.upload_concurrency)
         loop = asyncio.get_running_loop()
+        n_parts = -(-size // part)
+        # ``upload_concurrency`` part buffers, each reused by the parts that follow it (a
+        # buffer is free again once its part's request has returned)
+        free: asyncio.Queue[bytearray] = asyncio.Queue()
+        for _ in range(min(self.upload_concurrency, n_parts)):
+            free.put_nowait(bytearray())
+        src = ctypes.addressof(ctypes.c_char.from_buffer(data)) if not data.readonly else None
+
+        def fill(buf: bytearray, lo: int, hi: int) -> bytearray:
+            if len(buf) != hi - lo:
+                buf = bytearray(hi - lo)  # first use, or the short last part
+            if src is not None:  # memmove releases the GIL; a memoryview copy would hold it
+                ctypes.memmove(ctypes.addressof(ctypes.c_char.from_buffer(buf)), src + lo, hi - lo)
+            else:
+                buf[:] = data[lo:hi]
+            return buf
 
         async def one(n: int) -> dict[str, Any]:
             lo, hi = n * part, min(size, (n + 1) * part)
-            async with gate:
+            buf = await free.get()
+            try:
+                # copied off the loop: the loop keeps the other parts' sockets moving meanwhile
+                copying = loop.run_in_executor(None, fill, buf, lo, hi)
+                copies.append(copying)
+                buf = await asyncio.shield(copying)  # cancelled, the part leaves the copy running
                 out = await call(
-                    "upload_part", Bucket=bucket, Key=key, UploadId=uid, PartNumber=n + 1, Body=bytes(data[lo:hi])
+                    "upload_part", Bucket=bucket, Key=key, UploadId=uid, PartNumber=n + 1, Body=buf
                 )
+            finally:
+                free.put_nowait(buf)
             if pace is not None:
                 await loop.run_in_executor(None, pace, hi - lo)  # pace sleeps: not on the loop
             return {"PartNumber": n + 1, "ETag": out["ETag"]}
 
-        tasks = [asyncio.ensure_future(one(n)) for n in range(-(-size // part))]
+        copies: list[asyncio.Future[bytearray]] = []
+        tasks = [asyncio.ensure_future(one(n)) for n in range(n_parts)]
         try:
             done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for t in pending:  # one part failed: stop the others
@@ -213,9 +242,16 @@ class FsspecStorage:
                     raise t.exception()  # type: ignore[misc]
             parts = [t.result() for t in tasks]
             await call(
-                "complete_multipart_upload", Bucket=bucket, Key=key, UploadId=uid, MultipartUpload={"Parts": parts}
+                "complete_multipart_upload",
+                Bucket=bucket,
+                Key=key,
+                UploadId=uid,
+                MultipartUpload={"Parts": parts},
             )
         except BaseException:
+            # a cancelled part's copy still runs on its thread: let it finish reading ``data``
+            # before the caller may reuse (or free) the memory behind it
+            await asyncio.gather(*copies, return_exceptions=True)
             try:  # free the parts now; gc aborts what a killed writer leaves behind
                 await call("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=uid)
             except Exception:
@@ -278,7 +314,9 @@ class FsspecStorage:
         if limit is not None and limit <= 0:
             return b""
         # no Range header for a whole file: a range on an empty object is an error on S3
-        rng = {} if limit is None else {"start": 0, "end": limit}
+        rng: dict[str, Any] = {} if limit is None else {"start": 0, "end": limit}
+        if limit is None and self._cat_one_get:
+            rng["max_concurrency"] = 1  # one GET: s3fs would first HEAD it to consider splitting
         return retrying(self, lambda: bytes(self._call("read", path, self.fs.cat_file, path, **rng)))
 
     def read_range(self, path: str, start: int, end: int) -> bytes:
