@@ -319,16 +319,23 @@ def verify_files(storage: Storage, directory: str, manifest: Manifest, progress:
                 problems.append(f"{path}: checksum mismatch")
             continue
         pos = 0
+        gaps = []
         for c, _ in chunks:
-            # blobs follow each other, each on a 64-byte boundary (file_layout's padding)
+            # blobs follow each other, each on a 64-byte boundary (file_layout's zero padding)
             if not (c.offset == pos or (pos < c.offset < pos + BLOB_ALIGN and c.offset % BLOB_ALIGN == 0)):
                 problems.append(f"{path}: bytes {pos}..{c.offset} are not covered by any tensor")
                 break
+            if c.offset > pos:
+                gaps.append((pos, c.offset))
             pos = c.offset + c.length
         else:
             if pos != info["size"]:
                 problems.append(f"{path}: bytes {pos}..{info['size']} are not covered by any tensor")
         with storage.open_read(path) as f:
+            for lo, hi in gaps:  # no checksum covers the padding: it must be zeros
+                f.seek(lo)
+                if f.read(hi - lo) != bytes(hi - lo):
+                    problems.append(f"{path}: padding bytes {lo}..{hi} are not zero; the file is damaged")
             for c, dtype in chunks:
                 try:
                     read_chunk_into(f, c, torch.empty(c.sizes, dtype=dtype), path)
