@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .checkpointer import AsyncCheckpointer
+from .options import WriterOptions
 from .state import flatten_state
 
 
@@ -105,7 +106,9 @@ def _has_numpy() -> bool:
 def _child(root: str, digests: str, steps: int, every: int) -> None:
     """The training process that gets killed: saves every ``every`` steps, forever announcing."""
     model, opt, sched, state = _setup()
-    with AsyncCheckpointer(root, state) as ckpt:
+    # the writer is capped at 100 MB/s (WriterOptions.max_bandwidth) so that each save takes
+    # long enough for the kill to land while it is in flight; uncapped it can finish first
+    with AsyncCheckpointer(root, state, writer=WriterOptions(max_bandwidth=100e6)) as ckpt:
         for step in range(1, steps + 1):
             loss = _train_step(model, opt, sched, step)
             state["extra"]["step"] = step
@@ -190,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     print(
-        f"\n[1/3] training in a child process; it will be killed while the step-{a.kill_at} save is in flight"
+        f"\n[1/3] training in a child process; it will be killed while the step-{a.kill_at} save is in flight\n"
+        "      (its writer is capped at 100 MB/s, so that a save is still in flight when the kill lands)"
     )
     killed, was_done, child_losses = _run_child(root, digests, a.steps, a.every, a.kill_at)
     if killed < 0:
