@@ -141,10 +141,17 @@ class ManifestReader(StorageReader):
                     f"{self.directory}: no stored chunk for {idx.fqn} at {list(idx.offset or ())}"
                 )
             by_file.setdefault(chunk.file, []).append((chunk, req))
-        with ThreadPoolExecutor(self.READ_CONCURRENCY, "asyncckpt-read") as pool:
-            for name in list(by_file):
-                if self._whole_file(name, by_file[name], planner, pool):
-                    del by_file[name]
+        if self.region is not None and isinstance(self.storage, BufferReads):
+            # where every target lies: a file read whole must not overwrite another file's
+            spans = {
+                name: [(d.data_ptr(), d.numel() * d.element_size()) for d in self._dests(reqs, planner)]
+                for name, reqs in by_file.items()
+            }
+            with ThreadPoolExecutor(self.READ_CONCURRENCY, "asyncckpt-read") as pool:
+                for name in list(by_file):
+                    others = [sp for other, sps in spans.items() if other != name for sp in sps]
+                    if self._whole_file(name, by_file[name], planner, pool, others):
+                        del by_file[name]
         # Groups of neighbouring blobs, read concurrently: one ranged GET each on an object
         # store; on a local disk, each group reads straight into its tensors on its own file
         # handle, and the reads and checksums of different groups overlap (both release the GIL).
@@ -180,15 +187,30 @@ class ManifestReader(StorageReader):
         fut.set_result(None)
         return fut
 
+    @staticmethod
+    def _dests(reqs: list[tuple[Chunk, Any]], planner: LoadPlanner) -> list[torch.Tensor]:
+        return [planner.resolve_tensor(req).detach() for _, req in reqs]
+
     def _whole_file(
-        self, name: str, reqs: list[tuple[Chunk, Any]], planner: LoadPlanner, pool: ThreadPoolExecutor
+        self,
+        name: str,
+        reqs: list[tuple[Chunk, Any]],
+        planner: LoadPlanner,
+        pool: ThreadPoolExecutor,
+        others: list[tuple[int, int]],
     ) -> bool:
         """Read file ``name`` in one pass into the region when its blobs' targets sit there at
         their file offsets; pieces in flight in parallel, each blob's checksum as soon as its
-        bytes are in.  False (nothing read) when the targets are laid out otherwise."""
+        bytes are in.  False (nothing read) when the targets are laid out otherwise, when
+        the load does not want every blob of the file, or when the file's extent would
+        reach another file's targets (``others``: address, bytes)."""
         if self.region is None or not isinstance(self.storage, BufferReads):
             return False
         if any(chunk.codec for chunk, _ in reqs):  # compressed records never match the slot
+            return False
+        # every blob with bytes must be wanted (DCP asks for no empty tensors)
+        in_file = {id(c) for t in self.manifest.tensors.values() for c in t.chunks if c.file == name and c.nbytes}
+        if not in_file <= {id(c) for c, _ in reqs}:
             return False
         dtype = {fqn: t.torch_dtype for fqn, t in self.manifest.tensors.items()}
         base, dests = None, []
@@ -213,6 +235,8 @@ class ManifestReader(StorageReader):
         padded = round_up(size, PAGE)
         lo, n = self.region
         if base is None or base % PAGE or base < lo or base + padded > lo + n:
+            return False
+        if any(a < base + padded and base < a + k for a, k in others if k):
             return False
         path = layout.join(self.directory, name)
         out = memoryview((ctypes.c_char * padded).from_address(base)).cast("B")

@@ -97,3 +97,21 @@ def test_a_corrupt_file_read_whole_falls_back_and_leaves_nothing_behind(tmp_path
         assert verify_files(LocalStorage(), info3.path, read_manifest(LocalStorage(), info3.path)) == []
     # step 2 (damaged, then abandoned by the resume) went once the new line passed it
     assert [c.step for c in list_checkpoints(root)] == [1, 3]
+
+
+def test_a_load_that_wants_part_of_a_file_reads_blob_by_blob(tmp_path) -> None:
+    """Reading a file whole would also write the blobs nobody asked for into the slot: when
+    the load skips one (``exclude=``), that file is read blob by blob instead."""
+    root = str(tmp_path / "ck")
+    state = _state(1)
+    with AsyncCheckpointer(root, state) as ck:
+        ck.save_async(1).result()
+    live = _state(2)
+    kept_w = live["w"].clone()
+    storage = CountingReads()
+    with AsyncCheckpointer(root, live, storage=StorageOptions(backend=storage)) as ck:
+        assert ck.resume(exclude=["w"]) == 1
+    assert storage.reads == []  # no whole-file read
+    assert torch.equal(live["w"], kept_w)  # excluded: untouched
+    for k in ("big", "n", "empty"):
+        assert torch.equal(live[k], state[k])
