@@ -94,6 +94,7 @@ class ManifestReader(StorageReader):
         manifest: Manifest,
         progress: Any = None,
         region: tuple[int, int] | None = None,
+        paths: dict[str, str] | None = None,
     ) -> None:
         """``region`` (address, bytes): memory the reader may overwrite as a whole, the
         staging slot holding the shadows.  A shard file whose blobs all land in it at their
@@ -105,6 +106,7 @@ class ManifestReader(StorageReader):
         self.manifest = manifest
         self.progress = progress  # called with the byte count of each blob read
         self.region = region
+        self.paths = paths or {}  # file name -> where to open it (a pinned descriptor's path)
         self._chunks: dict[tuple[str, tuple[int, ...]], Chunk] = {
             (fqn, tuple(c.offsets)): c for fqn, t in manifest.tensors.items() for c in t.chunks
         }
@@ -156,18 +158,19 @@ class ManifestReader(StorageReader):
         # store; on a local disk, each group reads straight into its tensors on its own file
         # handle, and the reads and checksums of different groups overlap (both release the GIL).
         jobs = [
-            (layout.join(self.directory, name), group)
+            (name, group)
             for name, reqs in by_file.items()
             for group in coalesce(reqs, self.COALESCE_BYTES)
         ]
 
         def run(job: tuple[str, list[tuple[Chunk, Any]]]) -> None:
-            path, group = job
+            name, group = job
+            path, opened = layout.join(self.directory, name), self._path(name)
             if isinstance(self.storage, RangedReads):
                 start, end = group[0][0].offset, max(c.offset + c.length for c, _ in group)
-                src: Any = _RangeFile(self.storage.read_range(path, start, end), start)
+                src: Any = _RangeFile(self.storage.read_range(opened, start, end), start)
             else:
-                src = self.storage.open_read(path)
+                src = self.storage.open_read(opened)
             try:
                 for chunk, req in group:
                     self._read_one(src, chunk, req, planner, f"{path} ({req.storage_index.fqn})")
@@ -186,6 +189,9 @@ class ManifestReader(StorageReader):
         fut: torch.futures.Future[None] = torch.futures.Future()
         fut.set_result(None)
         return fut
+
+    def _path(self, name: str) -> str:
+        return self.paths.get(name) or layout.join(self.directory, name)
 
     @staticmethod
     def _dests(reqs: list[tuple[Chunk, Any]], planner: LoadPlanner) -> list[torch.Tensor]:
@@ -238,10 +244,10 @@ class ManifestReader(StorageReader):
             return False
         if any(a < base + padded and base < a + k for a, k in others if k):
             return False
-        path = layout.join(self.directory, name)
+        path, opened = layout.join(self.directory, name), self._path(name)
         out = memoryview((ctypes.c_char * padded).from_address(base)).cast("B")
         starts = range(0, padded, self.PIECE)
-        reads = [pool.submit(self.storage.read_into, path, a, out[a : a + self.PIECE]) for a in starts]
+        reads = [pool.submit(self.storage.read_into, opened, a, out[a : a + self.PIECE]) for a in starts]
         pending = sorted(reqs, key=lambda cr: cr[0].offset)
         got = 0
         for a, fut in zip(starts, reads):

@@ -15,14 +15,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from . import distributed, load_plan
+from . import distributed, layout, load_plan
 from .catalog import normalize_root, read_abandoned, read_manifest, step_dirs
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError, StorageError
 from .layout import Kind
 from .manifest import Manifest
 from .progress import Progress
 from .reader import ManifestReader, file_problems, shard_files
-from .storage import Storage, storage_for
+from .storage import BufferReads, Storage, storage_for, wrap_os_error
 
 __all__ = ["resume", "resume_in", "load_checkpoint"]
 
@@ -44,6 +44,7 @@ def load_checkpoint(
     require: Sequence[str] = (),
     pool: Mapping[str, torch.Tensor] | None = None,
     region: tuple[int, int] | None = None,
+    paths: dict[str, str] | None = None,
 ) -> None:
     """Load one validated checkpoint into ``state``, all or nothing (through DCP: it reshards).
 
@@ -77,7 +78,7 @@ def load_checkpoint(
                 dcp.load(
                     lp.shadows,
                     storage_reader=ManifestReader(
-                        storage, step_dir, manifest, bar.update if bar else None, region=region
+                        storage, step_dir, manifest, bar.update if bar else None, region=region, paths=paths
                     ),
                     planner=DefaultLoadPlanner(allow_partial_load=True),
                     no_dist=no_dist,
@@ -213,10 +214,38 @@ def _load_one(storage: Storage, path: str, s: int, state: dict[str, Any], **opts
     problems = file_problems(storage, path, manifest, shard_files(manifest))
     if problems:
         raise CorruptCheckpointError("; ".join(problems))
-    load_checkpoint(storage, path, manifest, state, **opts)
+    fds = _pin(storage, path, manifest)
+    try:
+        paths = {name: f"/proc/self/fd/{fd}" for name, fd in fds.items()}
+        load_checkpoint(storage, path, manifest, state, paths=paths, **opts)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
 
 
-RELIST_ROUNDS = 3  # a reader whose candidates were all deleted under it lists again
+def _pin(storage: Storage, path: str, manifest: Manifest) -> dict[str, int]:
+    """Open every shard file of a step on a local disk now (Linux): an open descriptor keeps
+    reading the files even if retention deletes the step meanwhile (it renames the directory
+    first), so a reader beside a fast-pruning trainer loses a step only in the moment between
+    listing and opening, not during the whole read."""
+    if not isinstance(storage, BufferReads) or not os.path.isdir("/proc/self/fd"):
+        return {}
+    fds: dict[str, int] = {}
+    try:
+        for name in sorted(shard_files(manifest)):
+            fds[name] = fd = os.open(layout.join(path, name), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            if os.fstat(fd).st_size != manifest.files[name]["size"]:
+                raise CorruptCheckpointError(f"{path}/{name}: size changed since the manifest was read")
+    except BaseException as e:
+        for fd in fds.values():
+            os.close(fd)
+        if isinstance(e, OSError):
+            raise wrap_os_error("open for reading", layout.join(path, name), e) from e
+        raise
+    return fds
+
+
+RELIST_ROUNDS = 10  # a reader whose candidates were all deleted under it lists again
 
 
 def resume_in(

@@ -51,8 +51,8 @@ def test_resume_reads_each_shard_file_whole_into_the_slot(tmp_path, threads: int
     with AsyncCheckpointer(root, live, storage=StorageOptions(backend=storage), **opts) as ck:
         assert ck.resume() == 1
         assert_same(snapshot(live), saved)
-        files = {name for name, _, _ in storage.reads}
-        assert files == {f"__0_{i}.distcp" for i in range(threads)}
+        # one whole-file read per shard file (through the descriptor the resume pinned)
+        assert len({name for name, _, _ in storage.reads}) == threads
         # the slot holds the blobs' headers again: the next save is a valid checkpoint
         live["big"].add_(1)
         info = ck.save_async(2).result()
