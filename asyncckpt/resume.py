@@ -223,16 +223,20 @@ def _load_one(storage: Storage, path: str, s: int, state: dict[str, Any], **opts
             os.close(fd)
 
 
+PIN_MAX = 256  # shard files a reader holds open at once
+
+
 def _pin(storage: Storage, path: str, manifest: Manifest) -> dict[str, int]:
     """Open every shard file of a step on a local disk now (Linux): an open descriptor keeps
     reading the files even if retention deletes the step meanwhile (it renames the directory
     first), so a reader beside a fast-pruning trainer loses a step only in the moment between
     listing and opening, not during the whole read."""
-    if not isinstance(storage, BufferReads) or not os.path.isdir("/proc/self/fd"):
-        return {}
+    names = shard_files(manifest)
+    if not isinstance(storage, BufferReads) or not os.path.isdir("/proc/self/fd") or len(names) > PIN_MAX:
+        return {}  # (thousands of files, from many ranks, would exhaust the descriptor limit)
     fds: dict[str, int] = {}
     try:
-        for name in sorted(shard_files(manifest)):
+        for name in sorted(names):
             fds[name] = fd = os.open(layout.join(path, name), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
             if os.fstat(fd).st_size != manifest.files[name]["size"]:
                 raise CorruptCheckpointError(f"{path}/{name}: size changed since the manifest was read")
