@@ -29,7 +29,6 @@ turns them into plain DCP or safetensors.
 from __future__ import annotations
 
 import ctypes
-import errno
 import struct
 from collections import deque
 from collections.abc import Callable
@@ -42,7 +41,7 @@ from .checksum import checksum
 from .codec import Codec, decoder, encoder
 from .errors import CorruptCheckpointError
 from .manifest import Chunk
-from .storage import Storage, wrap_os_error
+from .storage import Storage, write_fully
 
 __all__ = ["CHUNK_SIZE", "Compressor", "write_compressed_file", "read_record_into"]
 
@@ -108,21 +107,6 @@ class Compressor:
         return _RAW, raw, raw_crc, raw_crc
 
 
-def _write_all(f: Any, data: Any, path: str, pace: Pace | None) -> None:
-    view = memoryview(data).cast("B")
-    done = 0
-    while done < view.nbytes:
-        try:
-            n = f.write(view[done:])
-        except OSError as e:
-            raise wrap_os_error("write", path, e) from e
-        if n is None or n <= 0:
-            raise wrap_os_error("write", path, OSError(errno.EIO, "short write"))
-        done += n
-    if pace is not None:
-        pace(view.nbytes)
-
-
 def _tail(
     entries: list[tuple[int, int, int, int]],
     codec: str,
@@ -172,13 +156,13 @@ def write_compressed_file(
             start, crc, entries = pos, 0, []
             for _ in range(0, nbytes, cs):
                 flags, stored, s_crc, r_crc = next_result()
-                _write_all(f, stored, path, pace)
+                write_fully(f, stored, path, pace)
                 crc = checksum(algo, stored, crc)
                 n = memoryview(stored).nbytes
                 entries.append((n, flags, s_crc, r_crc))
                 pos += n
             tail = _tail(entries, comp.codec.name, dtype.itemsize, cs, nbytes, algo)
-            _write_all(f, tail, path, None)
+            write_fully(f, tail, path)
             crc = checksum(algo, tail, crc)
             pos += len(tail)
             chunks[fqn] = Chunk(

@@ -11,7 +11,6 @@ read back.  This module knows nothing of commits or naming beyond the shard file
 from __future__ import annotations
 
 import ctypes
-import errno
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,11 +24,10 @@ from .checksum import DEFAULT, checksum
 from .compressed import Compressor, write_compressed_file
 from .file_layout import FileImage
 from .manifest import Chunk
-from .storage import BufferWrites, Storage, retrying, wrap_os_error
+from .storage import BufferWrites, Storage, retrying, write_fully
 
 __all__ = ["write_shards", "write_small", "slot_bytes"]
 
-_WRITE_CHUNK = 64 << 20  # bound single write() calls of the streaming fallback
 
 Pace = Callable[[int], None]
 
@@ -66,17 +64,7 @@ def _stream(storage: Storage, path: str, data: memoryview, pace: Pace | None) ->
     """The fallback: a stream of bounded writes through ``open_write``."""
     f = storage.open_write(path)
     try:
-        done = 0
-        while done < data.nbytes:
-            try:
-                n = f.write(data[done : done + _WRITE_CHUNK])
-            except OSError as e:
-                raise wrap_os_error("write", path, e) from e
-            if n is None or n <= 0:
-                raise wrap_os_error("write", path, OSError(errno.EIO, "short write"))
-            done += n
-            if pace is not None:
-                pace(n)
+        write_fully(f, data, path, pace)
         storage.finish_write(f, path, data.nbytes)
     except BaseException:  # a failed completion too: an object store aborts the multipart upload
         storage.abort_write(f)

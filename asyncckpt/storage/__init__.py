@@ -36,6 +36,7 @@ from .base import (
     is_file,
     renames_atomically,
     retrying,
+    write_fully,
 )
 from .fsspec import FsspecStorage
 from .local import LocalStorage, wrap_os_error
@@ -54,6 +55,7 @@ __all__ = [
     "FsspecStorage",
     "storage_for",
     "retrying",
+    "write_fully",
     "exists",
     "is_file",
     "renames_atomically",

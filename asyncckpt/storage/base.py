@@ -189,3 +189,28 @@ def retrying(storage: Storage, attempt: Callable[[], T]) -> T:
                 raise
             time.sleep(min(8.0, 0.2 * 2**n))
     raise AssertionError("unreachable")
+
+
+_WRITE_CHUNK = 64 << 20  # bound single write() calls; large enough for sequential throughput
+
+
+def write_fully(f: Any, data: Any, path: str, pace: Callable[[int], None] | None = None) -> None:
+    """Write every byte of ``data`` to the stream ``f`` in bounded calls, retrying short
+    writes; ``pace(n)`` after each.  OSErrors come back as ``StorageError`` naming ``path``."""
+    import errno
+
+    from .local import wrap_os_error
+
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < view.nbytes:
+        try:
+            n = f.write(view[done : done + _WRITE_CHUNK])
+        except OSError as e:
+            raise wrap_os_error("write", path, e) from e
+        if n is None or n <= 0:
+            raise wrap_os_error("write", path, OSError(errno.EIO, "short write"))
+        done += n
+        if pace is not None:
+            pace(n)
+
