@@ -10,6 +10,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .handle import SaveHandle
+from .legacy import from_legacy
 from .options import (
     Options,
     ScheduleOptions,
@@ -19,7 +20,6 @@ from .options import (
     StorageOptions,
     WriterOptions,
     as_retention,
-    from_legacy,
 )
 from .pipeline import NullPipeline, Pipeline
 from .policy import RetentionPolicy, SavePolicy

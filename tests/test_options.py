@@ -20,7 +20,8 @@ from asyncckpt import (
     WriterOptions,
     list_checkpoints,
 )
-from asyncckpt.options import as_retention, from_legacy
+from asyncckpt.legacy import from_legacy
+from asyncckpt.options import as_retention
 from asyncckpt.policy import (
     EveryNSteps,
     KeepAll,
