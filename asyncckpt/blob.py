@@ -265,7 +265,8 @@ def read_chunk_into(f: Any, chunk: Chunk, out: torch.Tensor, where: str, pool: A
     """Read ``chunk``'s blob: raw bytes into contiguous CPU ``out``, crc over the whole blob.
 
     A compressed record (``chunk.codec``) is decoded straight into ``out`` instead, its
-    chunks on ``pool`` (a ``ThreadPoolExecutor``) when given."""
+    chunks on ``pool`` (a ``ThreadPoolExecutor``) when given.  A differential chunk
+    (``chunk.parts``) is read from ``f``, a ``chunkstore.PartSource``."""
     if (
         out.device.type != "cpu"
         or not out.is_contiguous()
@@ -275,13 +276,16 @@ def read_chunk_into(f: Any, chunk: Chunk, out: torch.Tensor, where: str, pool: A
             f"{where}: read target must be a contiguous CPU tensor of {chunk.nbytes} bytes, got "
             f"{out.device} {list(out.shape)} {out.dtype}"
         )
-    if chunk.codec is not None:
+    if chunk.codec is not None or chunk.parts is not None:
         mv = (
             memoryview((ctypes.c_char * chunk.nbytes).from_address(out.data_ptr())).cast("B")
             if chunk.nbytes
             else memoryview(bytearray())
         )
-        read_record_into(f, chunk, mv, where, pool)
+        if chunk.parts is not None:
+            f.read_parts(chunk, mv, where)
+        else:
+            read_record_into(f, chunk, mv, where, pool)
         return
     head_len = chunk.data_offset - chunk.offset
     tail_len = chunk.offset + chunk.length - chunk.data_offset - chunk.nbytes

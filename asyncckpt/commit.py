@@ -29,6 +29,8 @@ import torch
 
 from . import layout
 from .blob import TensorSlot, dcp_metadata
+from .checksum import DEFAULT
+from .chunkstore import PartWriter
 from .compressed import Compressor
 from .errors import CheckpointTimeoutError, StepExistsError
 from .file_layout import FileImage
@@ -70,13 +72,15 @@ def write_and_commit(
     should_abort: Callable[[], bool] | None = None,
     pace: Callable[[int], None] | None = None,
     compressor: Compressor | None = None,
+    parts: PartWriter | None = None,
 ) -> SaveOutcome:
     """Write ``req``'s shards from the slot (``files`` laid out in ``buffer``, tensors at
     ``entries``) and commit the step.
 
     ``on_shards_written`` runs once the slot's bytes are durable (the slot may be reused);
     ``should_abort`` is polled between phases (a writer process whose trainer died);
-    ``pace`` caps the bandwidth of shard writes; ``compressor`` writes compressed shards.
+    ``pace`` caps the bandwidth of shard writes; ``compressor`` writes compressed shards;
+    ``parts`` writes a differential step instead (its parts in the kind root's chunk store).
     """
     t0 = time.perf_counter()
     final = layout.join(req.root, layout.step_dirname(req.step))
@@ -97,10 +101,19 @@ def write_and_commit(
     if not isinstance(storage, AtomicRename) and req.rank == 0:
         # the prefix is the step's final name: say whose it is, so gc leaves it alone
         write_small(storage, layout.join(tmp, layout.WRITER_MARKER), req.run_id.encode())
+    step_parts: dict[str, Any] = {}
+    new_bytes = 0
     try:
-        chunks, written = write_shards(
-            storage, tmp, files, entries, buffer, req.rank, pool, pace=pace, compressor=compressor
-        )
+        if parts is not None:
+            tensors_in = [(e.fqn, e.dtype, e.shape, e.offset, e.nbytes) for e in entries]
+            chunks, step_parts, new_bytes = parts.write(
+                storage, req.root, tensors_in, buffer, req.run_id, req.step, req.epoch, DEFAULT, pace
+            )
+            written: dict[str, dict[str, int]] = {}
+        else:
+            chunks, written = write_shards(
+                storage, tmp, files, entries, buffer, req.rank, pool, pace=pace, compressor=compressor
+            )
         if on_shards_written is not None:
             on_shards_written()  # the staging slot may be reused from here on
         _check_abort(should_abort, req.step)
@@ -157,13 +170,16 @@ def write_and_commit(
                 pass
         raise
     t1 = time.perf_counter()
+    if parts is not None:
+        parts.committed(req.root, step_parts)  # the next save's parent
     info = CheckpointInfo.from_manifest(manifest, final, req.kind)
     return SaveOutcome(
         info=info,
         # this rank's own bytes (rank 0 of several ranks commits, but wrote only its shards)
-        bytes_written=own_bytes if several else manifest.total_bytes,
+        bytes_written=new_bytes + (own_bytes if several else manifest.total_bytes),
         write_seconds=t1 - t0,
         commit_seconds=t1 - t_written,
+        objects=frozenset(p.name for p in step_parts.values()),
     )
 
 
@@ -183,9 +199,9 @@ def write_manifest(
 ) -> None:
     """DCP's ``.metadata`` (added to the manifest's files), then ``manifest.json``: the commit
     point on an object store, the last file before the rename on POSIX.  A compressed step
-    gets no ``.metadata``: stock DCP cannot read its shards, and a missing ``.metadata`` says
-    so at once rather than failing inside ``torch.load``."""
-    if not any(c.codec for t in manifest.tensors.values() for c in t.chunks):
+    (or differential) step gets no ``.metadata``: stock DCP cannot read its shards, and a
+    missing ``.metadata`` says so at once rather than failing inside ``torch.load``."""
+    if not any(c.codec or c.parts is not None for t in manifest.tensors.values() for c in t.chunks):
         meta = pickle.dumps(dcp_metadata(manifest.tensors, paths))
         manifest.files[layout.DCP_METADATA] = write_small(
             storage, layout.join(directory, layout.DCP_METADATA), meta

@@ -33,6 +33,7 @@ from typing import Any
 
 from . import writer_proc as msgs
 from .commit import write_and_commit
+from .chunkstore import PartWriter
 from .compressed import Compressor
 from .errors import WriterDiedError
 from .manifest import dtype_name
@@ -84,6 +85,9 @@ class ThreadExecutor:
         self._compressor = Compressor.for_options(
             opts.compression, opts.compression_level, opts.compression_threads, initializer=lower
         )
+        self._parts = (
+            PartWriter(opts.part_threads, self._compressor, initializer=lower) if opts.incremental else None
+        )
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="asyncckpt-writer", daemon=True)
         self._thread.start()
@@ -109,6 +113,8 @@ class ThreadExecutor:
         self._thread.join()
         if self._files is not None:
             self._files.shutdown(wait=True)
+        if self._parts is not None:
+            self._parts.close()
         if self._compressor is not None:
             self._compressor.close()
 
@@ -129,6 +135,7 @@ class ThreadExecutor:
                     on_shards_written=job.release,
                     pace=self._pace,
                     compressor=self._compressor,
+                    parts=self._parts,
                 )
             except BaseException as e:
                 job.fail(e)

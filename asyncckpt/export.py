@@ -26,6 +26,7 @@ import torch
 
 from . import layout
 from .blob import read_chunk_into
+from .chunkstore import PartSource, store_of
 from .errors import ConfigError, CorruptCheckpointError
 from .manifest import Manifest, TensorEntry
 from .reader import file_problems
@@ -311,7 +312,11 @@ def _read_shard(
 
         def open_file(name: str) -> BinaryIO:
             if name not in handles:
-                handles[name] = stack.enter_context(storage.open_read(layout.join(step_dir, name)))
+                handles[name] = stack.enter_context(
+                    PartSource(storage, store_of(step_dir))  # a differential chunk's parts
+                    if not name
+                    else storage.open_read(layout.join(step_dir, name))
+                )
             return handles[name]
 
         def first_chunk(it: ExportItem) -> tuple[str, int]:

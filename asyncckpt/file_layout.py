@@ -125,8 +125,12 @@ def _templates(specs: Iterable[tuple[str, torch.dtype, tuple[int, ...], int]]) -
     return out
 
 
-def lay_out(specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], n_files: int) -> FileLayout:
-    """Lay out tensors ``(fqn, dtype, shape)`` as ``n_files`` (at most) shard file images."""
+def lay_out(
+    specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], n_files: int, data_align: int = BLOB_ALIGN
+) -> FileLayout:
+    """Lay out tensors ``(fqn, dtype, shape)`` as ``n_files`` (at most) shard file images,
+    each tensor's data ``data_align``-aligned (a multiple of 64; :data:`PAGE` lets every
+    part of a differential save be written straight from the slot)."""
     nbytes = {fqn: torch.Size(shape).numel() * dtype.itemsize for fqn, dtype, shape in specs}
     meta = {fqn: (dtype, tuple(shape)) for fqn, dtype, shape in specs}
     templates = _templates((fqn, *meta[fqn], nbytes[fqn]) for fqn in meta)
@@ -138,6 +142,8 @@ def lay_out(specs: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], n_files: 
         for fqn in names:
             t = templates[fqn]
             pos = round_up(pos, BLOB_ALIGN)
+            if data_align > BLOB_ALIGN:  # the data on the boundary; the blob stays 64-aligned
+                pos = round_up(start + pos + len(t.prefix), data_align) - start - len(t.prefix)
             data = pos + len(t.prefix)
             if (start + data) % BLOB_ALIGN:
                 raise RuntimeError("torch.save no longer aligns tensor data to 64 bytes")

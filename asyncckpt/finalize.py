@@ -75,6 +75,16 @@ class Finalizer:
         self._thread.start()
 
     # -- trainer thread
+    def reserve(self, handle: SaveHandle) -> None:
+        """Count ``handle``'s step as in flight from now on (before the writer starts it)."""
+        with self._lock:
+            self._inflight[handle.step] = handle
+
+    def unreserve(self, handle: SaveHandle) -> None:
+        with self._lock:
+            if self._inflight.get(handle.step) is handle:
+                del self._inflight[handle.step]
+
     def track(
         self,
         handle: SaveHandle,
@@ -145,6 +155,8 @@ class Finalizer:
     def _committed(self, save: _Save, out: SaveOutcome) -> None:
         h = save.handle
         self.catalog.add(out.info)
+        if self.pruner.chunks:
+            self.pruner.hold(save.kind, h.step, out.objects)
         if self.remote is not None and save.kind is Kind.PERMANENT:
             fut = self.remote.uploader.submit(out.info, save.join)
             fut.add_done_callback(lambda f: self._queue.put(lambda: self._uploaded(h.step, h, f)))

@@ -26,7 +26,7 @@ class CheckpointInfo:
         step: the training step.
         path: the step's directory (or URL).
         time: commit time, seconds since the epoch.
-        bytes: total size of its files.
+        bytes: total size of its files (with its parts, for a differential step).
         metrics: the metrics passed to ``save_async``.
         world_size: how many ranks wrote it.
         tier: ``"permanent"``, or ``"snapshot"`` for the rolling snapshot slots.
@@ -34,6 +34,9 @@ class CheckpointInfo:
             ``"uploaded"`` for the remote copy; None otherwise.
         abandoned: a step of a line of training that a later resume rolled back from; never
             resumed unless asked for by step, never counted by retention (see concepts.md).
+        part_bytes: a differential step: the bytes of its parts in the chunk store, shared
+            with the steps that reference the same parts (part of ``bytes``).
+        own_bytes: a differential step: the bytes of the parts this step wrote itself.
     """
 
     step: int
@@ -45,17 +48,24 @@ class CheckpointInfo:
     tier: str = "permanent"
     upload: str | None = None
     abandoned: bool = False
+    part_bytes: int = 0
+    own_bytes: int = 0
 
     @classmethod
     def from_manifest(
         cls, m: Manifest, path: str, tier: str = "permanent", upload: str | None = None
     ) -> CheckpointInfo:
         """The listing entry of a committed step, from its manifest."""
+        from .chunkstore import part_bytes
+
+        shared, own = part_bytes(m)
         return cls(
             step=m.step,
             path=path,
             time=m.created_at,
-            bytes=m.total_bytes,
+            bytes=m.total_bytes + shared,
+            part_bytes=shared,
+            own_bytes=own,
             metrics=dict(m.metrics),
             world_size=m.world_size,
             tier=tier,

@@ -10,6 +10,8 @@ ROOT/
   .protected.d/step_...    steps retention never deletes (and the 0.1 list .protected.json)
   .abandoned.d/step_...    steps of a line of training that a rollback abandoned
   rank00003/               several ranks with a local-first tier: one rank's pieces
+  .chunks/                 differential checkpoints: the parts steps reference (chunkstore.py)
+  snapshots/.chunks/       ... and those of the snapshot tier
 ```
 """
 
@@ -32,6 +34,7 @@ OWNERS_DIR = ".owners"  # one record per live writer (ownership.py)
 WRITER_MARKER = ".writer"  # object stores: the owner token of a step prefix being written
 ABANDONED_DIR = ".abandoned.d"  # one marker per step of a line that a rollback abandoned
 PROTECTED_DIR = ".protected.d"  # one marker per protected step
+CHUNKS_DIR = ".chunks"  # differential checkpoints: one object per stored part (chunkstore.py)
 
 _STEP_RE = re.compile(rf"^{STEP_PREFIX}(\d{{{STEP_DIGITS},}})$")
 _TMP_RE = re.compile(rf"^{STEP_PREFIX}(\d{{{STEP_DIGITS},}})\.[0-9a-f]{{8,32}}$")
@@ -71,6 +74,11 @@ def parent(path: str) -> tuple[str, str]:
 def kind_root(root: str, kind: Kind | str) -> str:
     """The directory that holds the step directories of ``kind``."""
     return root if Kind(kind) is Kind.PERMANENT else join(root, SNAPSHOT_DIR)
+
+
+def chunk_store(kind_root_path: str) -> str:
+    """Where the parts of the differential steps under a kind root are stored."""
+    return join(kind_root_path, CHUNKS_DIR)
 
 
 def step_dirname(step: int) -> str:

@@ -32,11 +32,12 @@ from .errors import (
     StorageError,
 )
 from .handle import CheckpointInfo
-from .layout import Kind
+from .chunkstore import referenced, store_bytes
+from .layout import KINDS, Kind
 from .manifest import Manifest
 from .ownership import is_alive, owner_of, owners, record_path
 from .policy import CheckpointRecord, RetentionPolicy, plan_deletions
-from .pruner import abort_uploads, decommit_and_remove
+from .pruner import abort_uploads, decommit_and_remove, sweep_chunks
 from .storage import AtomicRename, Storage, is_file, storage_for
 
 __all__ = [
@@ -158,21 +159,32 @@ class Listing:
     checkpoints: list[CheckpointInfo]
     protected: set[int]
     leftovers: list[tuple[str, str]]  # (path, why it is not committed)
+    store_objects: int = 0  # differential steps' parts (both tiers' chunk stores)
+    store_bytes: int = 0
 
     @property
     def total_bytes(self) -> int:
+        """What the checkpoints hold, parts shared between differential steps counted once each."""
         return sum(i.bytes for i in self.checkpoints)
+
+    @property
+    def disk_bytes(self) -> int:
+        """What the root really uses: each step's own files, plus the chunk stores once."""
+        return sum(i.bytes - i.part_bytes for i in self.checkpoints) + self.store_bytes
 
 
 def ls(arg: str, storage_options: dict[str, Any] | None = None) -> Listing:
     """List a root."""
     storage, root = open_root(arg, storage_options)
     infos = list_in(storage, root)
+    stores = [store_bytes(storage, layout.chunk_store(layout.kind_root(root, k))) for k in KINDS]
     return Listing(
         root,
         infos,
         read_protected(storage, root),
         [(p, leftover_reason(storage, p)) for p in leftovers_in(storage, root)],
+        sum(n for n, _ in stores),
+        sum(b for _, b in stores),
     )
 
 
@@ -315,6 +327,7 @@ class GcReport:
     snapshots: int = 0
     policies: int = 0
     errors: list[str] = field(default_factory=list)
+    chunks: list[str] = field(default_factory=list)  # chunk-store objects no committed step references
 
 
 def _remove_leftover(storage: Storage, path: str) -> None:
@@ -397,7 +410,28 @@ def gc(
         report.deleted.append(info)
     deleted = {i.step for i in report.deleted}
     report.kept = sorted(s for s in by_step if s not in deleted)
+    for kind in KINDS:
+        _sweep_store(storage, root, kind, [i for i in infos if i.tier == kind and i.step not in deleted], report)
     return report
+
+
+def _sweep_store(storage: Storage, root: str, kind: Kind, infos: list[CheckpointInfo], report: GcReport) -> None:
+    """Remove the parts of ``kind``'s chunk store that no committed step references and no
+    live writer may still commit (``pruner.sweep_chunks``)."""
+    if not storage.listdir(layout.chunk_store(layout.kind_root(root, kind))):
+        return
+    live: set[str] = set()
+    for info in infos:
+        try:
+            live |= referenced(read_manifest(storage, info.path))
+        except CorruptCheckpointError as e:
+            if storage.stat(info.path) is not None:  # its references are unknown: delete no part
+                report.errors.append(f"chunk store of {kind} not swept: {e}")
+                return
+    try:
+        report.chunks += sweep_chunks(storage, root, kind, live, dry_run=report.dry_run)
+    except (AsyncCheckpointError, OSError) as e:
+        report.errors.append(f"could not sweep the chunk store of {kind}: {' '.join(str(e).split())}")
 
 
 def _committed_since(storage: Storage, path: str) -> bool:

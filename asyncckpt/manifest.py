@@ -64,6 +64,32 @@ def dtype_name(dtype: torch.dtype) -> str:
         raise UnsupportedStateError(f"tensors of dtype {dtype} cannot be checkpointed") from None
 
 
+PART_FLAGS = (0, 1)  # a part's stored bytes: 0 raw, 1 compressed by the chunk's codec
+MAX_PARTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class Part:
+    """One stored piece of a differential chunk: an object in the kind root's chunk store.
+
+    Attributes:
+        name: the object's name under ``.chunks/`` (``chunkstore.object_name``).
+        stored: its length in bytes.
+        flags: 0 raw, 1 compressed by the chunk's codec.
+        s_crc: checksum of the stored bytes; r_crc: of the raw bytes (the chunk's ``algo``).
+    """
+
+    name: str
+    stored: int
+    flags: int
+    s_crc: int
+    r_crc: int
+
+    def entry(self) -> tuple[int, int, int, int]:
+        """As a compressed record's index entry (what ``compressed`` checks and decodes)."""
+        return self.stored, self.flags, self.s_crc, self.r_crc
+
+
 @dataclass
 class Chunk:
     """One stored piece of a tensor: where it sits in the tensor and in which file."""
@@ -80,12 +106,20 @@ class Chunk:
     # a compressed record (compressed.py) of this codec instead of a torch.save blob: then
     # ``data_offset == offset`` and ``nbytes`` is the decoded size; absent from plain chunks
     codec: str | None = None
+    # a differential chunk: the raw bytes cut at ``part_size``, each part an object of the
+    # chunk store (chunkstore.py); then ``file`` is "" and ``crc`` 0 (each part has its own)
+    parts: list[Part] | None = None
+    part_size: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k not in ("crc", "algo", "codec")}
+        skip = ("crc", "algo", "codec", "parts", "part_size")
+        out = {k: v for k, v in self.__dict__.items() if k not in skip}
         out[self.algo] = self.crc
         if self.codec is not None:
             out["codec"] = self.codec
+        if self.parts is not None:
+            out["part_size"] = self.part_size
+            out["parts"] = [[p.name, p.stored, p.flags, p.s_crc, p.r_crc] for p in self.parts]
         return out
 
     @classmethod
@@ -93,6 +127,8 @@ class Chunk:
         """The inverse of :meth:`to_json` for trusted input (a rank's own done record)."""
         fields = dict(d)
         algo = next(a for a in ALGORITHMS if a in fields)
+        if "parts" in fields:
+            fields["parts"] = [Part(*p) for p in fields["parts"]]
         return cls(**{k: v for k, v in fields.items() if k not in ALGORITHMS}, crc=fields[algo], algo=algo)
 
 
@@ -334,10 +370,11 @@ class _Parser:
             cctx = f"{ctx}.chunks[{i}]"
             if not isinstance(c, dict):
                 raise self.fail(f"{cctx}: expected an object")
+            differential = "parts" in c
             chunk = Chunk(
                 offsets=self.ints(self.get(c, "offsets", list, cctx), f"{cctx}.offsets"),
                 sizes=self.ints(self.get(c, "sizes", list, cctx), f"{cctx}.sizes"),
-                file=self.filename(self.get(c, "file", str, cctx), f"{cctx}.file"),
+                file="" if differential else self.filename(self.get(c, "file", str, cctx), f"{cctx}.file"),
                 offset=self.nonneg(c, "offset", cctx),
                 length=self.nonneg(c, "length", cctx),
                 data_offset=self.nonneg(c, "data_offset", cctx),
@@ -356,6 +393,10 @@ class _Parser:
                 numel *= s
             if chunk.nbytes != numel * itemsize:
                 raise self.fail(f"{cctx}: nbytes {chunk.nbytes} != {numel} x {itemsize}")
+            if differential:
+                self.parts(c, chunk, cctx)
+                chunks.append(chunk)
+                continue
             if chunk.file not in files:
                 raise self.fail(f"{cctx}: file {chunk.file!r} is not listed in 'files'")
             end = chunk.offset + chunk.length
@@ -368,6 +409,30 @@ class _Parser:
                 raise self.fail(f"{cctx}: blob ends past the end of {chunk.file}")
             chunks.append(chunk)
         return TensorEntry(dtype=dtype, shape=shape, chunks=chunks)
+
+    def parts(self, c: dict[str, Any], chunk: Chunk, ctx: str) -> None:
+        """A differential chunk's parts: names, sizes and flags that tile its raw bytes."""
+        if chunk.file or c.get("file", "") != "":
+            raise self.fail(f"{ctx}: a differential chunk names no file")
+        size = self.nonneg(c, "part_size", ctx)
+        raw = self.get(c, "parts", list, ctx)
+        if size < 1 or len(raw) > MAX_PARTS or len(raw) != -(-chunk.nbytes // size):
+            raise self.fail(f"{ctx}: {len(raw)} parts of {size} bytes do not tile {chunk.nbytes} bytes")
+        parts = []
+        for i, p in enumerate(raw):
+            pctx = f"{ctx}.parts[{i}]"
+            if (
+                not isinstance(p, list)
+                or len(p) != 5
+                or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in p[1:])
+            ):
+                raise self.fail(f"{pctx}: expected [name, stored, flags, stored checksum, raw checksum]")
+            name = self.filename(p[0], f"{pctx}.name")
+            want = min(size, chunk.nbytes - i * size)
+            if p[2] not in PART_FLAGS or (p[2] == 0 and p[1] != want) or (p[2] == 1 and chunk.codec is None):
+                raise self.fail(f"{pctx}: bad flags or size for a part of {want} bytes")
+            parts.append(Part(name, p[1], p[2], p[3], p[4]))
+        chunk.parts, chunk.part_size = parts, size
 
     def node(self, node: Any, ctx: str, tensors: dict[str, TensorEntry], depth: int) -> None:
         if depth > MAX_TREE_DEPTH:

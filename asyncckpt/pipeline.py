@@ -29,6 +29,7 @@ from typing import Any
 from . import distributed, layout
 from .catalog import Catalog, abandon, list_in, normalize_root, protect, read_abandoned, unabandon
 from .errors import CheckpointTimeoutError, ConfigError, RootBusyError, StepExistsError
+from .file_layout import BLOB_ALIGN, PAGE
 from .executor import ProcessExecutor, ThreadExecutor
 from .finalize import Finalizer, RemoteTier
 from .handle import ErrorInbox, SaveHandle
@@ -88,6 +89,11 @@ class Pipeline:
                     "must be loadable from one root; drop local_dir or the snapshots option"
                 )
             self.root = layout.join(self.root, layout.rank_dir(self.dist.rank))  # type: ignore[union-attr]
+        if opts.writer.incremental and (self.dist is not None or st.local_dir is not None):
+            raise ConfigError(
+                "WriterOptions(incremental=True) works with one rank and no local_dir tier for now: "
+                "drop incremental, or local_dir, or run on one rank"
+            )
         self.storage.makedirs(self.root)
         if isinstance(self.storage, RootCheck):
             self.storage.check_root(self.root)  # a missing bucket fails now, not at the first save
@@ -122,6 +128,7 @@ class Pipeline:
                 opts.keep if prunes else [],
                 slots if prunes else None,
                 self.run_id,
+                chunks=opts.writer.incremental,
             )
             self.telemetry = Telemetry(opts.on_stats)
             self.inbox = ErrorInbox()
@@ -153,7 +160,13 @@ class Pipeline:
             self.scheduler = Scheduler(opts.schedule, opts.snapshots)
             self.sharder = Sharder(self.dist)
             process = opts.writer.executor == "process"
-            self.stager = Stager(opts.staging, shared=process, dtype=opts.select.dtype, files=opts.writer.threads)
+            self.stager = Stager(
+                opts.staging,
+                shared=process,
+                dtype=opts.select.dtype,
+                files=opts.writer.threads,
+                data_align=PAGE if opts.writer.incremental else BLOB_ALIGN,  # parts written directly
+            )
             self.stager.ensure(self.sharder.local(selector.flat()).flat)  # allocate before training
             self.executor: ThreadExecutor | ProcessExecutor = (
                 ProcessExecutor(self.root, opts.writer, storage_options=writer_fsspec)
@@ -164,6 +177,7 @@ class Pipeline:
             self._abandon_construction()
             raise
         self.version = _version()
+        self.epoch = 0  # bumped by every resume: a differential writer then drops its parent
         self.closed = False
 
     def _abandon_construction(self) -> None:
@@ -253,8 +267,14 @@ class Pipeline:
             remote=layout.join(self.remote_root, layout.step_dirname(step)) if tiered else None,  # type: ignore[arg-type]
             library_version=self.version,
             selection=self.selector.recorded(),
+            epoch=self.epoch,
         )
-        released, committed = self.executor.submit(request, lease)
+        self.finalizer.reserve(handle)  # in flight before the writer writes a byte of it
+        try:
+            released, committed = self.executor.submit(request, lease)
+        except BaseException:
+            self.finalizer.unreserve(handle)
+            raise
         released.add_done_callback(lambda _: lease.release())
         join = (shard.flat.tree, shard.flat.paths, self.run_id) if self.pieces else None
         self.finalizer.track(handle, kind, committed, rec, join)
@@ -298,6 +318,7 @@ class Pipeline:
     # -- everything else
     def resume(self, step: int | None, **opts: Any) -> int | None:
         self.wait(None)
+        self.epoch += 1
         sources = [] if self.pieces else [(self.storage, self.root)]  # a piece is not loadable
         if self.remote is not None and self.remote_root is not None:
             sources.append((self.remote, self.remote_root))

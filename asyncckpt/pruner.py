@@ -15,13 +15,15 @@ import time
 from collections.abc import Callable, Collection, Sequence
 
 from . import layout
-from .catalog import Catalog, read_protected, unabandon
+from .catalog import Catalog, read_manifest, read_protected, unabandon
+from .chunkstore import referenced, unreferenced
+from .errors import CorruptCheckpointError
 from .layout import KINDS, Kind
 from .ownership import DEFAULT_TTL, is_alive, owner_of, owners, record_path
 from .policy import RetentionPolicy, plan_deletions
 from .storage import AtomicRename, MultipartUploads, Storage, exists
 
-__all__ = ["Pruner", "decommit", "decommit_and_remove", "sweep_tmp", "abort_uploads"]
+__all__ = ["Pruner", "decommit", "decommit_and_remove", "sweep_tmp", "sweep_chunks", "abort_uploads"]
 
 log = logging.getLogger("asyncckpt")
 
@@ -72,6 +74,41 @@ def sweep_tmp(storage: Storage, root: str, ttl: float = DEFAULT_TTL, now: float 
     return removed
 
 
+def sweep_chunks(
+    storage: Storage,
+    root: str,
+    kind: Kind,
+    live_refs: Collection[str],
+    me: str | None = None,
+    held: Collection[str] = (),
+    in_flight: Collection[int] = (),
+    dry_run: bool = False,
+) -> list[str]:
+    """Delete the chunk-store objects of ``kind`` that no committed step references
+    (``live_refs``, from every committed manifest of the kind root) and that nobody alive may
+    still commit (``chunkstore.unreferenced``); returns their paths.
+
+    The store is listed *before* the owner records are read: a writer writes its record
+    before its first object, so an object it writes after the listing is never seen, and one
+    written before is seen together with its live owner.
+    """
+    store = layout.chunk_store(layout.kind_root(root, kind))
+    names = storage.listdir(store)
+    if not names:
+        return []
+    now = time.time()
+    alive = {t for t, (rec, mtime) in owners(storage, root).items() if is_alive(rec, mtime, now)}
+    if me is not None:
+        alive.add(me)
+    out = []
+    for name in unreferenced(names, live_refs, alive.__contains__, me, held, in_flight):
+        path = layout.join(store, name)
+        if not dry_run:
+            storage.remove(path)
+        out.append(path)
+    return out
+
+
 def abort_uploads(
     storage: Storage,
     root: str,
@@ -114,10 +151,15 @@ class Pruner:
         policies: Sequence[RetentionPolicy],
         snapshot_slots: int | None,
         owner: str | None = None,
+        chunks: bool = False,
     ) -> None:
         """``snapshot_slots`` None keeps every snapshot (ranks other than 0 never delete);
-        ``owner`` is the writer's token, which names its trash."""
+        ``owner`` is the writer's token, which names its trash; ``chunks``: this writer saves
+        differential steps, so their chunk stores are swept after every prune."""
         self.owner = owner
+        self.chunks = chunks
+        self._refs: dict[tuple[Kind, int], frozenset[str]] = {}  # committed manifests are immutable
+        self._held: dict[Kind, frozenset[str]] = {}  # each kind's parent: what the next save may reuse
         self.storage = storage
         self.root = root
         self.catalog = catalog
@@ -153,7 +195,54 @@ class Pruner:
         except Exception as e:  # e.g. the protected set could not be read: delete nothing
             log.warning("asyncckpt: retention skipped: %s", e)
             return []
-        return [v for v in victims if self.delete(*v)]
+        deleted = [v for v in victims if self.delete(*v)]
+        for kind in KINDS:
+            if self.chunks or any(k is kind for k, _ in deleted):
+                self._sweep(kind, in_flight)
+        return deleted
+
+    def hold(self, kind: Kind, step: int, objects: Collection[str]) -> None:
+        """Step ``step`` of ``kind`` committed referencing ``objects``: remember them, and
+        keep them (the writer's next parent) even if the step is deleted meanwhile."""
+        refs = frozenset(objects)
+        self._refs[(kind, step)] = self._held[kind] = refs
+
+    def _live_refs(self, kind: Kind) -> frozenset[str] | None:
+        """What the committed steps of ``kind`` reference; None when a manifest cannot be read
+        (its references are unknown, so nothing may be deleted)."""
+        steps = {r.step for r in self.catalog.history() if Kind(r.tier) is kind}
+        steps |= {s for k, s in self.catalog.abandoned() if k is kind}
+        for key in [key for key in self._refs if key[0] is kind and key[1] not in steps]:
+            del self._refs[key]
+        out: set[str] = set()
+        for step in steps:
+            refs = self._refs.get((kind, step))
+            if refs is None:
+                path = layout.step_dir(self.root, kind, step)
+                try:
+                    refs = frozenset(referenced(read_manifest(self.storage, path)))
+                except CorruptCheckpointError as e:
+                    if self.storage.stat(path) is not None:
+                        log.warning("asyncckpt: chunk store not swept: %s", e)
+                        return None
+                    refs = frozenset()  # deleted by someone else: it references nothing
+                self._refs[(kind, step)] = refs
+            out |= refs
+        return frozenset(out)
+
+    def _sweep(self, kind: Kind, in_flight: Collection[int]) -> None:
+        try:
+            live = self._live_refs(kind)
+            if live is None:
+                return
+            gone = sweep_chunks(
+                self.storage, self.root, kind, live, self.owner, self._held.get(kind, ()), in_flight
+            )
+        except Exception as e:  # retention must never fail training
+            log.warning("asyncckpt: could not sweep the chunk store (%s); will retry after the next commit", e)
+            return
+        if gone:
+            log.info("asyncckpt: removed %d unreferenced chunk objects of %s", len(gone), kind)
 
     def _remove(self, trash: str) -> None:
         try:

@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from . import layout
 from .blob import dcp_metadata, read_chunk_into
 from .checksum import ALGORITHMS, checksum
+from .chunkstore import PartSource, store_of
 from .errors import CorruptCheckpointError
 from .file_layout import BLOB_ALIGN, PAGE, round_up
 from .manifest import Chunk, Manifest
@@ -143,6 +144,7 @@ class ManifestReader(StorageReader):
                     f"{self.directory}: no stored chunk for {idx.fqn} at {list(idx.offset or ())}"
                 )
             by_file.setdefault(chunk.file, []).append((chunk, req))
+        differential = by_file.pop("", [])  # chunks whose parts lie in the chunk store
         if self.region is not None and isinstance(self.storage, BufferReads):
             # where every target lies: a file read whole must not overwrite another file's
             spans = {
@@ -161,10 +163,16 @@ class ManifestReader(StorageReader):
             (name, group)
             for name, reqs in by_file.items()
             for group in coalesce(reqs, self.COALESCE_BYTES)
-        ]
+        ] + [("", [item]) for item in differential]
+        parts_pool = ThreadPoolExecutor(self.READ_CONCURRENCY, "asyncckpt-parts") if differential else None
 
         def run(job: tuple[str, list[tuple[Chunk, Any]]]) -> None:
             name, group = job
+            if not name:
+                src = PartSource(self.storage, store_of(self.directory), parts_pool)
+                for chunk, req in group:
+                    self._read_one(src, chunk, req, planner, f"{self.directory} ({req.storage_index.fqn})")
+                return
             path, opened = layout.join(self.directory, name), self._path(name)
             if isinstance(self.storage, RangedReads):
                 start, end = group[0][0].offset, max(c.offset + c.length for c, _ in group)
@@ -186,6 +194,8 @@ class ManifestReader(StorageReader):
         finally:
             if self._decode is not None:
                 self._decode.shutdown()
+            if parts_pool is not None:
+                parts_pool.shutdown()
         fut: torch.futures.Future[None] = torch.futures.Future()
         fut.set_result(None)
         return fut
@@ -303,7 +313,7 @@ class ManifestReader(StorageReader):
 
 def shard_files(manifest: Manifest) -> set[str]:
     """The files a load reads (``.metadata`` is written for stock DCP, never read by us)."""
-    return {c.file for t in manifest.tensors.values() for c in t.chunks}
+    return {c.file for t in manifest.tensors.values() for c in t.chunks if c.parts is None}
 
 
 def file_problems(
@@ -336,9 +346,21 @@ def verify_files(storage: Storage, directory: str, manifest: Manifest, progress:
     if problems:
         return problems
     per_file: dict[str, list[tuple[Chunk, torch.dtype]]] = {}
-    for t in manifest.tensors.values():
+    differential: list[tuple[str, Chunk, torch.dtype]] = []
+    for fqn, t in manifest.tensors.items():
         for c in t.chunks:
-            per_file.setdefault(c.file, []).append((c, t.torch_dtype))
+            if c.parts is not None:
+                differential.append((fqn, c, t.torch_dtype))
+            else:
+                per_file.setdefault(c.file, []).append((c, t.torch_dtype))
+    parts = PartSource(storage, store_of(directory))
+    for fqn, c, dtype in differential:  # every part read, decoded and checked
+        try:
+            read_chunk_into(parts, c, torch.empty(c.sizes, dtype=dtype), f"{directory} ({fqn})")
+        except CorruptCheckpointError as e:
+            problems.append(str(e))
+        if progress is not None:
+            progress(c.length)
     for name, info in manifest.files.items():
         path = layout.join(directory, name)
         chunks = sorted(per_file.get(name, []), key=lambda cd: cd[0].offset)

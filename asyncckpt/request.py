@@ -31,6 +31,8 @@ class SaveRequest:
         remote: with a local-first tier, the remote step this local step uploads to.
         library_version: recorded in the manifest.
         selection: what a selective save covers, recorded in the manifest.
+        epoch: differential saves: bumped by every resume; a writer drops its parent (the
+            step it deduplicates against) when it changes.
     """
 
     root: str
@@ -48,6 +50,7 @@ class SaveRequest:
     remote: str | None = None
     library_version: str = ""
     selection: dict[str, Any] | None = None  # recorded in the manifest (load_plan.py)
+    epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -59,3 +62,4 @@ class SaveOutcome:
     write_seconds: float
     commit_seconds: float
     queue_wait_s: float = 0.0  # from submit until the writer started on it
+    objects: frozenset[str] = frozenset()  # a differential step: the chunk-store objects it references

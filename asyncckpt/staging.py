@@ -23,7 +23,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .blob import TensorSlot, host_alias
 from .errors import StagingError
-from .file_layout import PAGE, FileImage, FileLayout, lay_out
+from .file_layout import BLOB_ALIGN, PAGE, FileImage, FileLayout, lay_out
 from .options import StagingOptions
 from .state import FlatState
 
@@ -56,9 +56,10 @@ class StagingPlan:
         signature: tuple[object, ...],
         cast: torch.dtype | None = None,
         files: int = 1,
+        data_align: int = BLOB_ALIGN,
     ) -> StagingPlan:
-        """Lay out ``tensors`` as ``files`` shard files; with ``cast``, wider floating
-        tensors are staged in that dtype."""
+        """Lay out ``tensors`` as ``files`` shard files, tensor data ``data_align``-aligned;
+        with ``cast``, wider floating tensors are staged in that dtype."""
         specs = []
         for fqn, t in tensors.items():
             dtype = t.dtype
@@ -72,7 +73,7 @@ class StagingPlan:
                 # optimizer's step count) stay exact: 257 in bf16 would be 256
                 dtype = cast
             specs.append((fqn, dtype, tuple(t.shape)))
-        lay = lay_out(specs, files)
+        lay = lay_out(specs, files, data_align)
         pinned = any(t.device.type == "cuda" for t in tensors.values())
         return cls(lay.entries, lay.total_bytes, signature, pinned, lay.files, lay)
 
@@ -253,10 +254,17 @@ class Stager:
     """
 
     def __init__(
-        self, opts: StagingOptions, *, shared: bool, dtype: torch.dtype | None, files: int = 1
+        self,
+        opts: StagingOptions,
+        *,
+        shared: bool,
+        dtype: torch.dtype | None,
+        files: int = 1,
+        data_align: int = BLOB_ALIGN,
     ) -> None:
         self.opts = opts
         self.files = files  # shard files per rank: the slot is laid out as these files
+        self.data_align = data_align  # PAGE for differential saves: each part is written directly
         self.shared = shared  # a writer process maps the buffers: named shared memory
         self.dtype = dtype
         self.pool: StagingPool | None = None
@@ -280,7 +288,7 @@ class Stager:
             self.pool.wait_idle()
             self.pool.close()
             self.pool = None
-        plan = StagingPlan.from_tensors(flat.tensors, sig, cast=self.dtype, files=self.files)
+        plan = StagingPlan.from_tensors(flat.tensors, sig, cast=self.dtype, files=self.files, data_align=self.data_align)
         self.pool = StagingPool(plan, self.opts.max_inflight, shared=self.shared)
         self.generation += 1
         if self._stream is None and plan.needs_pinned and torch.cuda.is_available():

@@ -24,7 +24,7 @@ from .checksum import DEFAULT, checksum
 from .compressed import Compressor, write_compressed_file
 from .file_layout import FileImage
 from .manifest import Chunk
-from .storage import BufferWrites, Storage, retrying, write_fully
+from .storage import BufferWrites, Storage, retrying, write_stream
 
 __all__ = ["write_shards", "write_small", "slot_bytes"]
 
@@ -60,17 +60,6 @@ class _Checksums(threading.Thread):
             self.error = e
 
 
-def _stream(storage: Storage, path: str, data: memoryview, pace: Pace | None) -> None:
-    """The fallback: a stream of bounded writes through ``open_write``."""
-    f = storage.open_write(path)
-    try:
-        write_fully(f, data, path, pace)
-        storage.finish_write(f, path, data.nbytes)
-    except BaseException:  # a failed completion too: an object store aborts the multipart upload
-        storage.abort_write(f)
-        raise
-
-
 def _write_file(
     storage: Storage,
     path: str,
@@ -87,7 +76,7 @@ def _write_file(
         if isinstance(storage, BufferWrites):
             storage.write_file(path, image, f.size, pace)
         else:
-            _stream(storage, path, image[: f.size], pace)
+            write_stream(storage, path, image[: f.size], pace)
     finally:
         sums.join()
     if sums.error is not None:
@@ -155,5 +144,5 @@ def write_shards(
 
 def write_small(storage: Storage, path: str, data: bytes, algo: str = DEFAULT) -> dict[str, Any]:
     """Write a small file durably; returns its size and checksum for the manifest."""
-    _stream(storage, path, memoryview(data), None)
+    write_stream(storage, path, memoryview(data))
     return {"size": len(data), algo: checksum(algo, data)}

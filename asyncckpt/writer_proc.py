@@ -133,6 +133,7 @@ def writer_main(conn_in: Connection, conn_out: Connection, parent_pid: int) -> N
 
     from .blob import TensorSlot
     from .commit import write_and_commit
+    from .chunkstore import PartWriter
     from .compressed import Compressor
     from .manifest import DTYPES
     from .priority import Pacer, lower_priority
@@ -146,6 +147,7 @@ def writer_main(conn_in: Connection, conn_out: Connection, parent_pid: int) -> N
     try:
         storage = storage_for(config.root, config.storage_options, direct_io=opts.direct_io)
         compressor = Compressor.for_options(opts.compression, opts.compression_level, opts.compression_threads)
+        parts = PartWriter(opts.part_threads, compressor) if opts.incremental else None
     except BaseException as e:
         conn_out.send(StartFailed(_picklable(e)))
         return
@@ -200,6 +202,7 @@ def writer_main(conn_in: Connection, conn_out: Connection, parent_pid: int) -> N
                 should_abort=abort.is_set,
                 pace=pace,
                 compressor=compressor,
+                parts=parts,
             )
         except BaseException as e:
             conn_out.send(Failed(step, _picklable(e)))

@@ -96,6 +96,8 @@ def _info_json(info: CheckpointInfo, protected: set[int]) -> dict[str, Any]:
         "metrics": info.metrics,
         "protected": info.tier == "permanent" and info.step in protected,
         "upload": info.upload,
+        "part_bytes": info.part_bytes,
+        "own_bytes": info.own_bytes,
     }
 
 
@@ -113,7 +115,13 @@ def cmd_ls(a: argparse.Namespace) -> int:
     root, infos, protected = listing.root, listing.checkpoints, listing.protected
     leftovers = [{"path": p, "status": "uncommitted", "reason": r} for p, r in listing.leftovers]
     if a.json:
-        doc = {"root": root, "checkpoints": [_info_json(i, protected) for i in infos], "leftovers": leftovers}
+        doc = {
+            "root": root,
+            "checkpoints": [_info_json(i, protected) for i in infos],
+            "leftovers": leftovers,
+            "disk_bytes": listing.disk_bytes,
+            "store": {"objects": listing.store_objects, "bytes": listing.store_bytes},
+        }
         print(json.dumps(doc, indent=2))
         return EXIT_OK
     if infos:
@@ -130,6 +138,11 @@ def cmd_ls(a: argparse.Namespace) -> int:
         print(_table(["STEP", "TIER", "COMMITTED", "SIZE", "METRICS"], rows, right=(0, 3)))
         n = len(infos)
         print(f"{n} committed checkpoint{'s' * (n != 1)}, {human_bytes(listing.total_bytes)} in {root}")
+        if listing.store_objects:
+            print(
+                f"disk use {human_bytes(listing.disk_bytes)}: differential steps share "
+                f"{listing.store_objects} parts ({human_bytes(listing.store_bytes)}) in the chunk store"
+            )
     else:
         print(f"no committed checkpoints in {root}")
     if leftovers:
@@ -146,7 +159,22 @@ def _clip(text: str, width: int = 100) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def _size_text(m: Any) -> str:
+    from ..chunkstore import part_bytes
+
+    text = f"{human_bytes(m.total_bytes)} in {len(m.files)} files"
+    shared, own = part_bytes(m)
+    if shared:
+        text = (
+            f"{human_bytes(shared)} of parts in the chunk store ({human_bytes(own)} written by this step, "
+            f"{human_bytes(shared - own)} shared with earlier steps)"
+        ) + (f", and {text}" if m.files else "")
+    return text
+
+
 def cmd_inspect(a: argparse.Namespace) -> int:
+    from ..chunkstore import part_bytes
+
     _, target, m = maintenance.resolve(a.path, a.step, _OPTIONS.value)
     values, objects = maintenance.state_summary(m)
     tensors: list[dict[str, Any]] = [
@@ -170,7 +198,9 @@ def cmd_inspect(a: argparse.Namespace) -> int:
             "library_version": m.library_version,
             "torch_version": m.torch_version,
             "schema_version": m.schema_version,
-            "bytes": m.total_bytes,
+            "bytes": m.total_bytes + part_bytes(m)[0],
+            "part_bytes": part_bytes(m)[0],
+            "own_bytes": part_bytes(m)[1],
             "files": {k: dict(v) for k, v in m.files.items()},
             "metrics": m.metrics,
             "objects": objects,
@@ -186,7 +216,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         ("tier", target.tier),
         ("committed", iso_time(m.created_at)),
         ("world_size", str(m.world_size)),
-        ("size", f"{human_bytes(m.total_bytes)} in {len(m.files)} files"),
+        ("size", _size_text(m)),
         ("asyncckpt", m.library_version or "?"),
         ("torch", m.torch_version or "?"),
         ("schema", str(m.schema_version)),
@@ -362,6 +392,8 @@ def cmd_gc(a: argparse.Namespace) -> int:
         return f"{count} {what}{'s' * (count != 1)}"
 
     uploads = f", {n(len(r.aborted), 'abandoned multipart upload')}" if r.aborted else ""
+    if r.chunks:
+        print(f"{verb} {len(r.chunks)} chunk-store parts that no committed checkpoint references")
     freed = sum(i.bytes for i in r.deleted)
     summary = (
         f"{'dry run: would remove' if a.dry_run else 'removed'} {n(len(r.removed), 'uncommitted leftover')}{uploads} "

@@ -37,6 +37,7 @@ from .base import (
     renames_atomically,
     retrying,
     write_fully,
+    write_stream,
 )
 from .fsspec import FsspecStorage
 from .local import LocalStorage, wrap_os_error
@@ -56,6 +57,7 @@ __all__ = [
     "storage_for",
     "retrying",
     "write_fully",
+    "write_stream",
     "exists",
     "is_file",
     "renames_atomically",

@@ -214,3 +214,15 @@ def write_fully(f: Any, data: Any, path: str, pace: Callable[[int], None] | None
         if pace is not None:
             pace(n)
 
+
+
+def write_stream(storage: Storage, path: str, data: Any, pace: Callable[[int], None] | None = None) -> None:
+    """Write ``data`` as a new durable file through ``open_write``: a stream of bounded
+    writes; a failure (a failed completion too) aborts it (an object store's multipart)."""
+    f = storage.open_write(path)
+    try:
+        write_fully(f, data, path, pace)
+        storage.finish_write(f, path, memoryview(data).nbytes)
+    except BaseException:
+        storage.abort_write(f)
+        raise
