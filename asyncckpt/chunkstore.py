@@ -177,7 +177,9 @@ class PartWriter:
             )  # fmt: skip
         return chunks, step_parts, sum(p.stored for p in done.values())
 
-    def _put(self, storage: Storage, path: str, raw: memoryview, typesize: int, algo: str, pace: Pace | None) -> Part:
+    def _put(
+        self, storage: Storage, path: str, raw: memoryview, typesize: int, algo: str, pace: Pace | None
+    ) -> Part:
         comp = self.compressor
         if comp is not None:
             flags, stored, s_crc, r_crc = comp.encode(raw, typesize, algo)
@@ -202,12 +204,16 @@ def _missing(e: BaseException) -> bool:
     return isinstance(e, FileNotFoundError) or (isinstance(e, StorageError) and e.errno == errno.ENOENT)
 
 
-def _read_part(storage: Storage, path: str, p: Part, out: memoryview, algo: str, codec: Any, where: str) -> None:
+def _read_part(
+    storage: Storage, path: str, p: Part, out: memoryview, algo: str, codec: Any, where: str
+) -> None:
     try:
         if p.flags == 0 and isinstance(storage, BufferReads):
             got = storage.read_into(path, 0, out)  # straight into the destination
             if got != out.nbytes:
-                raise CorruptCheckpointError(f"{where}: part {path} holds {got} of {out.nbytes} bytes; it is truncated")
+                raise CorruptCheckpointError(
+                    f"{where}: part {path} holds {got} of {out.nbytes} bytes; it is truncated"
+                )
             if checksum(algo, out) != p.s_crc:
                 raise CorruptCheckpointError(f"{where}: part {path} fails its checksum; the store is damaged")
             return
@@ -218,7 +224,9 @@ def _read_part(storage: Storage, path: str, p: Part, out: memoryview, algo: str,
             raise CorruptCheckpointError(f"{where}: part {path} is missing from the chunk store") from e
         raise
     if len(data) != p.stored:
-        raise CorruptCheckpointError(f"{where}: part {path} is {len(data)} bytes, the manifest says {p.stored}")
+        raise CorruptCheckpointError(
+            f"{where}: part {path} is {len(data)} bytes, the manifest says {p.stored}"
+        )
     from .compressed import _decode
 
     _decode(codec, memoryview(data), p.entry(), out, algo, f"{where}: part {path}")
@@ -233,7 +241,15 @@ def read_parts_into(
     codec = decoder(chunk.codec) if chunk.codec is not None else None
     ps = chunk.part_size
     jobs = [
-        (storage, layout.join(store, p.name), p, out[i * ps : min(chunk.nbytes, (i + 1) * ps)], chunk.algo, codec, where)
+        (
+            storage,
+            layout.join(store, p.name),
+            p,
+            out[i * ps : min(chunk.nbytes, (i + 1) * ps)],
+            chunk.algo,
+            codec,
+            where,
+        )
         for i, p in enumerate(chunk.parts)
     ]
     if pool is None or len(jobs) < 2:

@@ -32,8 +32,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from . import writer_proc as msgs
-from .commit import write_and_commit
 from .chunkstore import PartWriter
+from .commit import write_and_commit
 from .compressed import Compressor
 from .errors import WriterDiedError
 from .manifest import dtype_name

@@ -20,7 +20,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
@@ -308,9 +308,9 @@ def _read_shard(
     """The tensors of one output file, by output name, in plan order, cast as planned."""
     tensors: dict[str, torch.Tensor] = {}
     with contextlib.ExitStack() as stack:
-        handles: dict[str, BinaryIO] = {}
+        handles: dict[str, Any] = {}
 
-        def open_file(name: str) -> BinaryIO:
+        def open_file(name: str) -> Any:
             if name not in handles:
                 handles[name] = stack.enter_context(
                     PartSource(storage, store_of(step_dir))  # a differential chunk's parts

@@ -24,6 +24,7 @@ from .catalog import (
     read_protected,
 )
 from .checksum import ALGORITHMS
+from .chunkstore import referenced, store_bytes
 from .errors import (
     AsyncCheckpointError,
     CheckpointNotFoundError,
@@ -32,7 +33,6 @@ from .errors import (
     StorageError,
 )
 from .handle import CheckpointInfo
-from .chunkstore import referenced, store_bytes
 from .layout import KINDS, Kind
 from .manifest import Manifest
 from .ownership import is_alive, owner_of, owners, record_path

@@ -29,8 +29,8 @@ from typing import Any
 from . import distributed, layout
 from .catalog import Catalog, abandon, list_in, normalize_root, protect, read_abandoned, unabandon
 from .errors import CheckpointTimeoutError, ConfigError, RootBusyError, StepExistsError
-from .file_layout import BLOB_ALIGN, PAGE
 from .executor import ProcessExecutor, ThreadExecutor
+from .file_layout import BLOB_ALIGN, PAGE
 from .finalize import Finalizer, RemoteTier
 from .handle import ErrorInbox, SaveHandle
 from .layout import Kind

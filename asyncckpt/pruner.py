@@ -239,7 +239,9 @@ class Pruner:
                 self.storage, self.root, kind, live, self.owner, self._held.get(kind, ()), in_flight
             )
         except Exception as e:  # retention must never fail training
-            log.warning("asyncckpt: could not sweep the chunk store (%s); will retry after the next commit", e)
+            log.warning(
+                "asyncckpt: could not sweep the chunk store (%s); will retry after the next commit", e
+            )
             return
         if gone:
             log.info("asyncckpt: removed %d unreferenced chunk objects of %s", len(gone), kind)

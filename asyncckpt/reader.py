@@ -169,9 +169,9 @@ class ManifestReader(StorageReader):
         def run(job: tuple[str, list[tuple[Chunk, Any]]]) -> None:
             name, group = job
             if not name:
-                src = PartSource(self.storage, store_of(self.directory), parts_pool)
+                parts = PartSource(self.storage, store_of(self.directory), parts_pool)
                 for chunk, req in group:
-                    self._read_one(src, chunk, req, planner, f"{self.directory} ({req.storage_index.fqn})")
+                    self._read_one(parts, chunk, req, planner, f"{self.directory} ({req.storage_index.fqn})")
                 return
             path, opened = layout.join(self.directory, name), self._path(name)
             if isinstance(self.storage, RangedReads):

@@ -288,7 +288,9 @@ class Stager:
             self.pool.wait_idle()
             self.pool.close()
             self.pool = None
-        plan = StagingPlan.from_tensors(flat.tensors, sig, cast=self.dtype, files=self.files, data_align=self.data_align)
+        plan = StagingPlan.from_tensors(
+            flat.tensors, sig, cast=self.dtype, files=self.files, data_align=self.data_align
+        )
         self.pool = StagingPool(plan, self.opts.max_inflight, shared=self.shared)
         self.generation += 1
         if self._stream is None and plan.needs_pinned and torch.cuda.is_available():

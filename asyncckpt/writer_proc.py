@@ -132,8 +132,8 @@ def writer_main(conn_in: Connection, conn_out: Connection, parent_pid: int) -> N
     import torch
 
     from .blob import TensorSlot
-    from .commit import write_and_commit
     from .chunkstore import PartWriter
+    from .commit import write_and_commit
     from .compressed import Compressor
     from .manifest import DTYPES
     from .priority import Pacer, lower_priority

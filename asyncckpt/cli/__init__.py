@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--all", action="store_true", help="verify every committed checkpoint under ROOT")
 
     sp = add(
-        "export", "write the tensors as safetensors (sharded past --max-shard-size)",
+        "export", "write the tensors as safetensors (sharded past --max-shard-size) or plain DCP",
         "Write a checkpoint's tensors to OUT/model.safetensors, or, when they exceed --max-shard-size, "
         "to a Hugging Face sharded set (model-00001-of-0000N.safetensors + model.safetensors.index.json). "
         "Reads one output shard's tensors at a time; checksums are verified while reading.",
@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-shard-size", type=_size_arg, default="5GB", metavar="SIZE",
                     help="largest output file before sharding, e.g. 5GB (10^9), 2GiB (2^30) (default 5GB)")  # fmt: skip
     sp.add_argument("--force", action="store_true", help="replace an earlier export in OUT")
+    sp.add_argument("--format", choices=["safetensors", "dcp"], default="safetensors",
+                    help="safetensors (default), or dcp: a plain torch.distributed.checkpoint directory "
+                         "that stock dcp.load reads (e.g. from a compressed or differential step)")  # fmt: skip
 
     sp = add(
         "gc", "remove uncommitted leftovers; apply retention",

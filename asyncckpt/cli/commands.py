@@ -296,8 +296,28 @@ def cmd_verify(a: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- export
 
 
+def _export_dcp(a: argparse.Namespace) -> int:
+    from ..export_dcp import export_dcp
+
+    if a.dtype or a.only or a.strip_prefix is not None:
+        raise ConfigError(
+            "--format dcp writes every tensor as saved: drop --dtype, --only and --strip-prefix"
+        )
+    storage, target, m = maintenance.resolve(a.path, a.step, _OPTIONS.value)
+    with Progress(sum(c.nbytes for t in m.tensors.values() for c in t.chunks), "export") as bar:
+        res = export_dcp(storage, target.path, m, a.out, overwrite=a.force, progress=bar.update)
+    print(
+        f"exported {res.tensors} tensor{'s' * (res.tensors != 1)} ({human_bytes(res.total_bytes)}) from step "
+        f"{target.step} as a plain DCP checkpoint in {res.directory}; stock dcp.load reads it"
+    )
+    return EXIT_OK
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from ..export import DTYPES, export_safetensors, parse_size
+
+    if a.format == "dcp":
+        return _export_dcp(a)
 
     dtype = DTYPES[a.dtype] if a.dtype else None
     max_shard = parse_size(a.max_shard_size)
