@@ -233,17 +233,25 @@ def _read_part(
 
 
 def read_parts_into(
-    storage: Storage, store: str, chunk: Chunk, out: memoryview, where: str, pool: ThreadPoolExecutor | None
+    storage: Storage,
+    store: str,
+    chunk: Chunk,
+    out: memoryview,
+    where: str,
+    pool: ThreadPoolExecutor | None,
+    paths: dict[str, str] | None = None,
 ) -> None:
     """Read differential ``chunk``'s parts from ``store`` into ``out`` (``chunk.nbytes``
-    writable bytes), checking each part's checksums; parts in parallel on ``pool``."""
+    writable bytes), checking each part's checksums; parts in parallel on ``pool``.
+    ``paths``: where to open a part instead (a pinned descriptor's path), by name."""
     assert chunk.parts is not None
     codec = decoder(chunk.codec) if chunk.codec is not None else None
     ps = chunk.part_size
+    paths = paths or {}
     jobs = [
         (
             storage,
-            layout.join(store, p.name),
+            paths.get(p.name) or layout.join(store, p.name),
             p,
             out[i * ps : min(chunk.nbytes, (i + 1) * ps)],
             chunk.algo,
@@ -266,11 +274,17 @@ class PartSource:
     """What ``blob.read_chunk_into`` reads a differential chunk from: a kind root's chunk
     store, parts read in parallel on ``pool`` when given."""
 
-    def __init__(self, storage: Storage, store: str, pool: ThreadPoolExecutor | None = None) -> None:
-        self.storage, self.store, self.pool = storage, store, pool
+    def __init__(
+        self,
+        storage: Storage,
+        store: str,
+        pool: ThreadPoolExecutor | None = None,
+        paths: dict[str, str] | None = None,
+    ) -> None:
+        self.storage, self.store, self.pool, self.paths = storage, store, pool, paths
 
     def read_parts(self, chunk: Chunk, out: memoryview, where: str) -> None:
-        read_parts_into(self.storage, self.store, chunk, out, where, self.pool)
+        read_parts_into(self.storage, self.store, chunk, out, where, self.pool, self.paths)
 
     def close(self) -> None:
         pass

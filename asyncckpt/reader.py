@@ -169,7 +169,7 @@ class ManifestReader(StorageReader):
         def run(job: tuple[str, list[tuple[Chunk, Any]]]) -> None:
             name, group = job
             if not name:
-                parts = PartSource(self.storage, store_of(self.directory), parts_pool)
+                parts = PartSource(self.storage, store_of(self.directory), parts_pool, self.paths)
                 for chunk, req in group:
                     self._read_one(parts, chunk, req, planner, f"{self.directory} ({req.storage_index.fqn})")
                 return

@@ -17,6 +17,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from . import distributed, layout, load_plan
 from .catalog import normalize_root, read_abandoned, read_manifest, step_dirs
+from .chunkstore import store_of
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError, StorageError
 from .layout import Kind
 from .manifest import Manifest
@@ -227,24 +228,33 @@ PIN_MAX = 256  # shard files a reader holds open at once
 
 
 def _pin(storage: Storage, path: str, manifest: Manifest) -> dict[str, int]:
-    """Open every shard file of a step on a local disk now (Linux): an open descriptor keeps
-    reading the files even if retention deletes the step meanwhile (it renames the directory
-    first), so a reader beside a fast-pruning trainer loses a step only in the moment between
-    listing and opening, not during the whole read."""
+    """Open every shard file (and chunk-store part) of a step on a local disk now (Linux): an
+    open descriptor keeps reading the files even if retention deletes the step meanwhile (it
+    renames the directory first, then the sweep removes the parts), so a reader beside a
+    fast-pruning trainer loses a step only in the moment between listing and opening, not
+    during the whole read."""
     names = shard_files(manifest)
-    if not isinstance(storage, BufferReads) or not os.path.isdir("/proc/self/fd") or len(names) > PIN_MAX:
+    parts = {p.name: p.stored for t in manifest.tensors.values() for c in t.chunks for p in c.parts or ()}
+    if (
+        not isinstance(storage, BufferReads)
+        or not os.path.isdir("/proc/self/fd")
+        or len(names) + len(parts) > PIN_MAX
+    ):
         return {}  # (thousands of files, from many ranks, would exhaust the descriptor limit)
+    store = store_of(path)
+    wanted = [(n, layout.join(path, n), manifest.files[n]["size"]) for n in sorted(names)]
+    wanted += [(n, layout.join(store, n), size) for n, size in sorted(parts.items())]  # shared parts too
     fds: dict[str, int] = {}
     try:
-        for name in sorted(names):
-            fds[name] = fd = os.open(layout.join(path, name), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            if os.fstat(fd).st_size != manifest.files[name]["size"]:
-                raise CorruptCheckpointError(f"{path}/{name}: size changed since the manifest was read")
+        for name, full, size in wanted:
+            fds[name] = fd = os.open(full, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            if os.fstat(fd).st_size != size:
+                raise CorruptCheckpointError(f"{full}: size changed since the manifest was read")
     except BaseException as e:
         for fd in fds.values():
             os.close(fd)
         if isinstance(e, OSError):
-            raise wrap_os_error("open for reading", layout.join(path, name), e) from e
+            raise wrap_os_error("open for reading", full, e) from e
         raise
     return fds
 

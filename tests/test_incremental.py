@@ -330,3 +330,31 @@ def test_s3_round_trip_with_compression(s3) -> None:
     assert_same(snapshot({k: v for k, v in got.items() if isinstance(v, torch.Tensor)}), want)
     report = gc(root, min_age=0, storage_options=opts)
     assert report.errors == [] and report.chunks == []  # retention already took step 1 and 2's own parts
+
+
+def test_a_reader_keeps_reading_parts_that_retention_deletes_meanwhile(tmp_path) -> None:
+    """resume pins the step's parts: a step pruned (and its parts swept) after the reader
+    opened them still loads, as a plain step's shard files do."""
+    from asyncckpt.resume import _pin
+
+    root = str(tmp_path / "ckpt")
+    state = _state()
+    with AsyncCheckpointer(root, state, writer=INC) as ck:
+        _train(state, 1)
+        ck.save_async(1, force=True).committed.result()
+    path = _step(root, 1)
+    m = read_manifest(LocalStorage(), path)
+    fds = _pin(LocalStorage(), path, m)
+    try:
+        assert set(fds) == referenced(m)  # every part pinned (no shard files in this step)
+        shutil.rmtree(os.path.join(root, ".chunks"))  # deleted after the reader opened them
+        from asyncckpt.resume import load_checkpoint
+
+        got = _blank(state)
+        paths = {name: f"/proc/self/fd/{fd}" for name, fd in fds.items()}
+        load_checkpoint(LocalStorage(), path, m, got, paths=paths)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    want = snapshot({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
+    assert_same(snapshot({k: v for k, v in got.items() if isinstance(v, torch.Tensor)}), want)
