@@ -333,13 +333,16 @@ def unreferenced(
     me: str | None = None,
     held: Collection[str] = (),
     in_flight: Collection[int] = (),
+    known: Collection[str] | None = None,
 ) -> list[str]:
     """The store objects (of ``names``) that may be deleted now.
 
     ``live_refs``: everything a committed manifest of the kind root references.  ``alive``:
     whether an owner token is a live writer.  ``me``: the deleting writer's own token, whose
-    objects go unless ``held`` (its parent's) or written for a step ``in_flight``.  Names
-    that are not store objects are left alone.
+    objects go unless ``held`` (its parent's) or written for a step ``in_flight``.  With
+    ``known`` (several ranks, whose saves in flight the deleting rank cannot see), only
+    those of its objects go that a committed step it saw once referenced.  Names that are
+    not store objects are left alone.
     """
     out = []
     for name in names:
@@ -348,7 +351,7 @@ def unreferenced(
             continue
         owner, step = info
         if owner == me:
-            if step not in in_flight:
+            if (name in known) if known is not None else (step not in in_flight):
                 out.append(name)
         elif not alive(owner):
             out.append(name)

@@ -30,7 +30,7 @@ import torch
 from . import layout
 from .blob import TensorSlot, dcp_metadata
 from .checksum import DEFAULT
-from .chunkstore import PartWriter
+from .chunkstore import PartWriter, referenced
 from .compressed import Compressor
 from .errors import CheckpointTimeoutError, StepExistsError
 from .file_layout import FileImage
@@ -132,7 +132,10 @@ def write_and_commit(
         if several:
             write_done_record(storage, tmp, req.rank, tensors, written, req.run_id)
             if req.rank != 0:
-                return _await_commit(storage, req, final, t0, t_written, written, should_abort)
+                out = _await_commit(storage, req, final, t0, t_written, written, should_abort)
+                if parts is not None:
+                    parts.committed(req.root, step_parts)  # rank 0 committed them: the next parent
+                return out
             own_bytes = sum(f["size"] for f in written.values())
             tensors, written = gather_done_records(
                 storage, tmp, req.step, req.world_size, req.commit_timeout, should_abort, req.run_id
@@ -179,7 +182,7 @@ def write_and_commit(
         bytes_written=new_bytes + (own_bytes if several else manifest.total_bytes),
         write_seconds=t1 - t0,
         commit_seconds=t1 - t_written,
-        objects=frozenset(p.name for p in step_parts.values()),
+        objects=frozenset(referenced(manifest)),  # every rank's parts: the pruner holds them
     )
 
 

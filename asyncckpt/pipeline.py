@@ -89,10 +89,10 @@ class Pipeline:
                     "must be loadable from one root; drop local_dir or the snapshots option"
                 )
             self.root = layout.join(self.root, layout.rank_dir(self.dist.rank))  # type: ignore[union-attr]
-        if opts.writer.incremental and (self.dist is not None or st.local_dir is not None):
+        if opts.writer.incremental and st.local_dir is not None:
             raise ConfigError(
-                "WriterOptions(incremental=True) works with one rank and no local_dir tier for now: "
-                "drop incremental, or local_dir, or run on one rank"
+                "WriterOptions(incremental=True) does not work with a local_dir tier yet (the uploader "
+                "copies step directories, not the chunk store): drop incremental or local_dir"
             )
         self.storage.makedirs(self.root)
         if isinstance(self.storage, RootCheck):
@@ -128,7 +128,8 @@ class Pipeline:
                 opts.keep if prunes else [],
                 slots if prunes else None,
                 self.run_id,
-                chunks=opts.writer.incremental,
+                chunks=opts.writer.incremental and prunes,
+                ranks=self.dist.world_size if self.dist is not None else 1,
             )
             self.telemetry = Telemetry(opts.on_stats)
             self.inbox = ErrorInbox()

@@ -83,6 +83,7 @@ def sweep_chunks(
     held: Collection[str] = (),
     in_flight: Collection[int] = (),
     dry_run: bool = False,
+    known: Collection[str] | None = None,
 ) -> list[str]:
     """Delete the chunk-store objects of ``kind`` that no committed step references
     (``live_refs``, from every committed manifest of the kind root) and that nobody alive may
@@ -101,7 +102,7 @@ def sweep_chunks(
     if me is not None:
         alive.add(me)
     out = []
-    for name in unreferenced(names, live_refs, alive.__contains__, me, held, in_flight):
+    for name in unreferenced(names, live_refs, alive.__contains__, me, held, in_flight, known):
         path = layout.join(store, name)
         if not dry_run:
             storage.remove(path)
@@ -152,12 +153,16 @@ class Pruner:
         snapshot_slots: int | None,
         owner: str | None = None,
         chunks: bool = False,
+        ranks: int = 1,
     ) -> None:
         """``snapshot_slots`` None keeps every snapshot (ranks other than 0 never delete);
         ``owner`` is the writer's token, which names its trash; ``chunks``: this writer saves
-        differential steps, so their chunk stores are swept after every prune."""
+        differential steps, so their chunk stores are swept after every prune; ``ranks``: how
+        many ranks write them (with several, this rank cannot see the others' saves in flight:
+        it deletes only parts it saw referenced, and ``gc`` the orphans of a dead run)."""
         self.owner = owner
         self.chunks = chunks
+        self._known: set[str] | None = set() if ranks > 1 else None  # every part a step it saw referenced
         self._refs: dict[tuple[Kind, int], frozenset[str]] = {}  # committed manifests are immutable
         self._held: dict[Kind, frozenset[str]] = {}  # each kind's parent: what the next save may reuse
         self.storage = storage
@@ -206,6 +211,8 @@ class Pruner:
         keep them (the writer's next parent) even if the step is deleted meanwhile."""
         refs = frozenset(objects)
         self._refs[(kind, step)] = self._held[kind] = refs
+        if self._known is not None:
+            self._known |= refs
 
     def _live_refs(self, kind: Kind) -> frozenset[str] | None:
         """What the committed steps of ``kind`` reference; None when a manifest cannot be read
@@ -227,6 +234,8 @@ class Pruner:
                         return None
                     refs = frozenset()  # deleted by someone else: it references nothing
                 self._refs[(kind, step)] = refs
+                if self._known is not None:
+                    self._known |= refs
             out |= refs
         return frozenset(out)
 
@@ -236,14 +245,17 @@ class Pruner:
             if live is None:
                 return
             gone = sweep_chunks(
-                self.storage, self.root, kind, live, self.owner, self._held.get(kind, ()), in_flight
-            )
+                self.storage, self.root, kind, live, self.owner, self._held.get(kind, ()), in_flight,
+                known=self._known,
+            )  # fmt: skip
         except Exception as e:  # retention must never fail training
             log.warning(
                 "asyncckpt: could not sweep the chunk store (%s); will retry after the next commit", e
             )
             return
         if gone:
+            if self._known is not None:
+                self._known -= {layout.parent(p)[1] for p in gone}
             log.info("asyncckpt: removed %d unreferenced chunk objects of %s", len(gone), kind)
 
     def _remove(self, trash: str) -> None:

@@ -60,6 +60,20 @@ def main() -> None:
             info = ck.save_async(step).result()
         assert info.world_size == world, info
 
+    elif name == "save_incremental":  # root, steps: differential saves where only w.a changes
+        from asyncckpt import WriterOptions
+        from asyncckpt.policy import KeepLast
+
+        state = sharded_state(world, 1)
+        state["big"] = torch.arange(float(1 << 21))  # replicated, 8 MiB: two parts, never changing
+        with AsyncCheckpointer(
+            root, state, keep=KeepLast(2), writer=WriterOptions(incremental=True, commit_timeout=60)
+        ) as ck:
+            for step in range(1, int(args[1]) + 1):
+                local = full("a", step).chunk(world)[rank]
+                state["w"]["a"].to_local().copy_(local)
+                ck.save_async(step, force=True).result()
+
     elif name == "load_sharded":  # root, expected step
         state = sharded_state(world, 0, zero=True)
         with AsyncCheckpointer(root, state) as ck:

@@ -199,3 +199,31 @@ def test_local_tier_rank_dying_before_its_upload_commits_nothing_remotely(tmp_pa
     assert "CLEAR ERROR" in res[0].stdout and "ranks [1] did not finish" in res[0].stdout
     assert [c.step for c in list_checkpoints(remote)] == [1]
     assert not os.path.exists(os.path.join(remote, "step_000000002", "manifest.json"))
+
+
+def test_differential_saves_on_two_ranks_resume_on_one(tmp_path) -> None:
+    """Each rank stores its own parts and deduplicates against its own last step; rank 0's
+    retention deletes only parts it saw referenced, and the result loads on one process."""
+    from asyncckpt.chunkstore import parse_object, referenced
+
+    root = str(tmp_path / "ckpt")
+    ok(run_ranks(2, "save_incremental", tmp_path, root, "4"))
+    steps = sorted(n for n in os.listdir(root) if n.startswith("step_"))
+    assert steps == ["step_000000003", "step_000000004"]
+    refs = {s: referenced(read_manifest(LocalStorage(), os.path.join(root, s))) for s in steps}
+    store = set(os.listdir(os.path.join(root, ".chunks")))
+    assert store == refs[steps[0]] | refs[steps[1]]  # nothing unreferenced, nothing missing
+    # the replicated "big" (two parts) was written once, at step 1, and referenced since
+    m4 = read_manifest(LocalStorage(), os.path.join(root, steps[1]))
+    (big,) = m4.tensors["big"].chunks
+    assert [parse_object(p.name)[1] for p in big.parts or ()] == [1, 1]  # type: ignore[index]
+    assert all(parse_object(p.name)[1] == 4 for c in m4.tensors["w.a"].chunks for p in c.parts or ())  # type: ignore[index]
+    state = {
+        "w": {"a": torch.zeros(16, 4), "b": torch.zeros(8, 6)},
+        "rep": torch.zeros(100),
+        "extra": {"step": 0},
+        "big": torch.zeros(1 << 21),
+    }
+    assert resume(root, state) == 4
+    assert torch.equal(state["w"]["a"], full("a", 4)) and torch.equal(state["w"]["b"], full("b", 1))
+    assert torch.equal(state["big"], torch.arange(float(1 << 21)))
