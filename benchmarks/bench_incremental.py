@@ -13,6 +13,9 @@ chunk-store sweep run as in training:
   median of the later ones.  *Changed bytes* is what really changed between two saves.
 - **Full training**: ``--full-mib`` of fp32 weights that all change before every save, where
   dedup finds nothing: what the hashing and the one-object-per-part layout cost.
+- **The disk's own cost of that layout**: the same ``--full-mib`` written from page-aligned
+  memory with ``O_DIRECT`` and fsynced, as one file and as one 4 MiB file per part on 8
+  threads, outside asyncckpt (the hardware's limit for either layout).
 
 *Time to durable* runs from ``save_async`` to the committed handle; *stall* is ``save_async``
 itself; *bytes written* is the save's own bytes (parts or shard files, not the manifest).
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import platform
 import shutil
@@ -51,6 +55,52 @@ def full_state(mib: float) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     n = int(mib * MIB / 4 / 8)
     return {f"w{i}": torch.randn(n, generator=g) * 0.02 for i in range(8)}
+
+
+def _direct_write(path: str, view: memoryview) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_DIRECT", 0), 0o644)
+    try:
+        done = 0
+        while done < view.nbytes:
+            done += os.write(fd, view[done : done + (32 << 20)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def raw_layouts(mib: float, reps: int, parent: str) -> dict[str, Any]:
+    """Seconds to write ``mib`` with O_DIRECT + fsync as one file and as 4 MiB files on 8 threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    part = 4 * MIB
+    n = max(1, int(mib * MIB) // part)
+    mm = mmap.mmap(-1, n * part)
+    mm.write(os.urandom(part) * n)
+    view = memoryview(mm)
+    one, many = [], []
+    try:
+        for _ in range(reps):
+            d = tempfile.mkdtemp(prefix="bench-layout-", dir=parent)
+            os.sync()
+            t0 = time.perf_counter()
+            _direct_write(os.path.join(d, "one"), view)
+            one.append(time.perf_counter() - t0)
+            os.sync()
+            t0 = time.perf_counter()
+            paths = [(os.path.join(d, f"p{i}"), view[i * part : (i + 1) * part]) for i in range(n)]
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(lambda pv: _direct_write(*pv), paths))
+            many.append(time.perf_counter() - t0)
+            shutil.rmtree(d, ignore_errors=True)
+    finally:
+        view.release()
+        mm.close()
+    return {
+        "bytes": n * part,
+        "one_file_s": round(statistics.median(one), 4),
+        "parts_8_threads_s": round(statistics.median(many), 4),
+        "parts_over_one_file": round(statistics.median(many) / statistics.median(one), 3),
+    }
 
 
 def measure(
@@ -141,6 +191,7 @@ def run(
         fs["incremental"]["time_to_durable_median_s"] / fs["plain"]["time_to_durable_median_s"], 3
     )
     out["full_training"] = fs
+    out["raw_layouts"] = raw_layouts(full_mib, reps, parent)
     return {
         "machine": {
             "cpus": os.cpu_count(),
@@ -173,12 +224,16 @@ def format_table(r: dict[str, Any]) -> str:
                 f"| {scen} | {name} | {x['bytes_written_median'] / MIB:.1f} | {x['written_over_changed']:.3f} | "
                 f"{x['time_to_durable_median_s']:.3f} | {x['stall_median_ms']:.1f} |"
             )
-    fb, fs = r["results"]["frozen_base"], r["results"]["full_training"]
+    fb, fs, raw = r["results"]["frozen_base"], r["results"]["full_training"], r["results"]["raw_layouts"]
     lines.append("")
     lines.append(
         f"frozen base: differential saves are {fb['faster_than_plain']}x faster to durable than plain saves"
     )
     lines.append(f"full training: differential / plain time to durable = {fs['incremental_over_plain_time']}")
+    lines.append(
+        f"raw O_DIRECT, {raw['bytes'] / MIB:.0f} MiB: one file {raw['one_file_s']:.3f}s, 4 MiB parts on 8 threads "
+        f"{raw['parts_8_threads_s']:.3f}s ({raw['parts_over_one_file']}x)"
+    )
     return "\n".join(lines)
 
 
