@@ -24,6 +24,7 @@ every committed step whole (the reasoning is in ``docs/design.md``):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import re
@@ -161,6 +162,12 @@ class PartWriter:
             for f in new.values():
                 if not f.cancelled():
                     f.exception()
+            # nothing references this save's parts: take them back now (a full disk must not
+            # stay full of a failed save's parts until the next commit's sweep)
+            for d, f in new.items():  # a failed one too: a short write may have left a file
+                if not f.cancelled():
+                    with contextlib.suppress(Exception):
+                        storage.remove(layout.join(store, object_name(d, owner, step, nonce)))
             raise
         meta = {fqn: (shape, nbytes) for fqn, _, shape, _, nbytes in tensors}
         chunks: dict[str, Chunk] = {}

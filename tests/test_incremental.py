@@ -358,3 +358,23 @@ def test_a_reader_keeps_reading_parts_that_retention_deletes_meanwhile(tmp_path)
             os.close(fd)
     want = snapshot({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
     assert_same(snapshot({k: v for k, v in got.items() if isinstance(v, torch.Tensor)}), want)
+
+
+def test_a_save_that_fails_writing_parts_takes_them_back(tmp_path) -> None:
+    """ENOSPC at the third part: the parts already written are removed at once (a full disk
+    is not left full of a failed save), the error is reported, the next save commits."""
+    import errno
+
+    from .helpers import FaultyStorage
+
+    root = str(tmp_path / "ckpt")
+    state = _state()
+    full = OSError(errno.ENOSPC, "No space left on device")
+    storage = FaultyStorage(fail_op="open_write", fail_on_call=3, err=full)
+    with AsyncCheckpointer(root, state, writer=INC, storage=StorageOptions(backend=storage)) as ck:
+        h = ck.save_async(1, force=True)
+        with pytest.raises(Exception, match="No space left"):
+            h.result()
+        assert _store(root) == set()
+        ck.save_async(2, force=True).committed.result()
+    assert _store(root) == _refs(root, 2)
