@@ -73,6 +73,7 @@ def write_and_commit(
     pace: Callable[[int], None] | None = None,
     compressor: Compressor | None = None,
     parts: PartWriter | None = None,
+    ready: Callable[[int], None] | None = None,
 ) -> SaveOutcome:
     """Write ``req``'s shards from the slot (``files`` laid out in ``buffer``, tensors at
     ``entries``) and commit the step.
@@ -80,7 +81,8 @@ def write_and_commit(
     ``on_shards_written`` runs once the slot's bytes are durable (the slot may be reused);
     ``should_abort`` is polled between phases (a writer process whose trainer died);
     ``pace`` caps the bandwidth of shard writes; ``compressor`` writes compressed shards;
-    ``parts`` writes a differential step instead (its parts in the kind root's chunk store).
+    ``parts`` writes a differential step instead (its parts in the kind root's chunk store);
+    ``ready(n)`` blocks until slot bytes ``[0, n)`` are final (the copy may still be running).
     """
     t0 = time.perf_counter()
     final = layout.join(req.root, layout.step_dirname(req.step))
@@ -105,6 +107,8 @@ def write_and_commit(
     new_bytes = 0
     try:
         if parts is not None:
+            if ready is not None:
+                ready(buffer.numel())  # parts are hashed from anywhere in the slot: all of it
             tensors_in = [(e.fqn, e.dtype, e.shape, e.offset, e.nbytes) for e in entries]
             chunks, step_parts, new_bytes = parts.write(
                 storage, req.root, tensors_in, buffer, req.run_id, req.step, req.epoch, DEFAULT, pace
@@ -112,7 +116,16 @@ def write_and_commit(
             written: dict[str, dict[str, int]] = {}
         else:
             chunks, written = write_shards(
-                storage, tmp, files, entries, buffer, req.rank, pool, pace=pace, compressor=compressor
+                storage,
+                tmp,
+                files,
+                entries,
+                buffer,
+                req.rank,
+                pool,
+                pace=pace,
+                compressor=compressor,
+                ready=ready,
             )
         if on_shards_written is not None:
             on_shards_written()  # the staging slot may be reused from here on

@@ -122,7 +122,9 @@ class ThreadExecutor:
         lower_priority(self.opts.cpu_nice, self.opts.io_priority)  # this thread (and its helpers) only
         while (job := self._queue.get()) is not None:
             try:
-                job.lease.staged.result()
+                copied = job.lease.copied
+                if copied is None:
+                    job.lease.staged.result()
                 job.queue_wait_s = time.perf_counter() - job.submitted
                 plan = job.lease.pool.plan
                 out = write_and_commit(
@@ -136,6 +138,8 @@ class ThreadExecutor:
                     pace=self._pace,
                     compressor=self._compressor,
                     parts=self._parts,
+                    # the copy may still be running: each write waits for its bytes
+                    ready=copied.wait if copied is not None else None,
                 )
             except BaseException as e:
                 job.fail(e)

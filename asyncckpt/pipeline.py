@@ -43,7 +43,7 @@ from .request import SaveRequest
 from .resume import resume_in
 from .schedule import Scheduler
 from .sharding import Sharder
-from .staging import Stager
+from .staging import Lease, Stager
 from .state import Selector
 from .storage import RootCheck, Storage, storage_for
 from .telemetry import Telemetry
@@ -74,7 +74,9 @@ class Pipeline:
         if st.local_dir is not None:  # root is the remote tier; saves land locally first
             self.remote_root, self.root = self.root, os.path.abspath(os.fspath(st.local_dir))
         direct = opts.writer.direct_io
-        backend: Storage = st.backend or storage_for(self.remote_root or self.root, st.fsspec, direct_io=direct)
+        backend: Storage = st.backend or storage_for(
+            self.remote_root or self.root, st.fsspec, direct_io=direct
+        )
         self.remote: Storage | None = backend if self.remote_root else None
         self.storage: Storage = storage_for(self.root, direct_io=direct) if self.remote_root else backend
         writer_fsspec = None if self.remote_root else st.fsspec  # the writer sees the local tier only
@@ -234,24 +236,10 @@ class Pipeline:
         if step in self.finalizer.in_flight():
             raise StepExistsError(f"step {step} is already being saved")
         shard = self.sharder.local(self.selector.flat())
-        lease = self.stager.stage(shard.flat, step)
-        if lease is None:
-            log.info(
-                "step=%d skipped: all %d staging buffers are still being written",
-                step,
-                self.opts.staging.max_inflight,
-            )
-            self.telemetry.start(step, skipped=True, stall_s=time.perf_counter() - t0)
-            return None
         handle = SaveHandle(step)
-        handle.staged = lease.staged
         tiered = self.remote_root is not None and kind is Kind.PERMANENT
         if tiered:
             handle.uploaded = concurrent.futures.Future()
-        rec = self.telemetry.start(
-            step, tier=kind.value, staging_bytes=lease.pool.plan.total_bytes, slot_wait_s=lease.slot_wait_s
-        )
-        lease.staged.add_done_callback(lambda _: self.telemetry.update(rec, staging_s=lease.staging_s))
         request = SaveRequest(
             root=layout.kind_root(self.root, kind),
             step=step,
@@ -270,13 +258,40 @@ class Pipeline:
             selection=self.selector.recorded(),
             epoch=self.epoch,
         )
-        self.finalizer.reserve(handle)  # in flight before the writer writes a byte of it
+        submitted: list[tuple[concurrent.futures.Future[None], concurrent.futures.Future[Any]]] = []
+
+        def submit(lease: Lease) -> None:
+            # before the copy: a writer thread starts on the slot's first bytes while the
+            # trainer copies the rest (lease.copied), and the step is in flight before it
+            # writes a byte of it
+            self.finalizer.reserve(handle)
+            try:
+                submitted.append(self.executor.submit(request, lease))
+            except BaseException:
+                self.finalizer.unreserve(handle)
+                raise
+            submitted[0][0].add_done_callback(lambda _: lease.release())
+
         try:
-            released, committed = self.executor.submit(request, lease)
+            lease = self.stager.stage(shard.flat, step, on_acquired=submit)
         except BaseException:
-            self.finalizer.unreserve(handle)
+            if submitted:  # the writer gets the copy's error and fails the job; nobody waits on it
+                self.finalizer.unreserve(handle)
             raise
-        released.add_done_callback(lambda _: lease.release())
+        if lease is None:
+            log.info(
+                "step=%d skipped: all %d staging buffers are still being written",
+                step,
+                self.opts.staging.max_inflight,
+            )
+            self.telemetry.start(step, skipped=True, stall_s=time.perf_counter() - t0)
+            return None
+        handle.staged = lease.staged
+        rec = self.telemetry.start(
+            step, tier=kind.value, staging_bytes=lease.pool.plan.total_bytes, slot_wait_s=lease.slot_wait_s
+        )
+        lease.staged.add_done_callback(lambda _: self.telemetry.update(rec, staging_s=lease.staging_s))
+        _, committed = submitted[0]
         join = (shard.flat.tree, shard.flat.paths, self.run_id) if self.pieces else None
         self.finalizer.track(handle, kind, committed, rec, join)
         self.telemetry.update(rec, stall_s=time.perf_counter() - t0)

@@ -13,7 +13,7 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +25,7 @@ from .blob import TensorSlot, host_alias
 from .errors import StagingError
 from .file_layout import BLOB_ALIGN, PAGE, FileImage, FileLayout, lay_out
 from .options import StagingOptions
+from .slot_progress import Copied
 from .state import FlatState
 
 __all__ = ["TensorSlot", "StagingPlan", "StagingPool", "Lease", "Stager", "copy_into", "host_alias"]
@@ -187,12 +188,14 @@ def copy_into(
     views: Mapping[str, torch.Tensor],
     tensors: Mapping[str, torch.Tensor],
     stream: torch.cuda.Stream | None = None,
+    on_copied: Callable[[list[str]], None] | None = None,
 ) -> torch.cuda.Event | None:
     """Copy every live tensor into its slot view.
 
     CUDA copies are queued first on ``stream`` (ordered after the work already queued on
-    the current stream), then CPU tensors are copied on this thread while the GPU works.
-    Returns an event that completes with the last CUDA copy, or None if there was none.
+    the current stream), then CPU tensors are copied on this thread while the GPU works,
+    ``on_copied`` told after each.  Returns an event that completes with the last CUDA
+    copy, or None if there was none.
     """
     done = None
     with torch.no_grad():
@@ -206,10 +209,10 @@ def copy_into(
                     views[k].copy_(t, non_blocking=True)
                 done = stream.record_event()
         for k, t in tensors.items():
-            if t.device.type == "cpu":
-                views[k].copy_(t)
-            elif t.device.type != "cuda":
-                views[k].copy_(t)  # other accelerators: a plain blocking copy
+            if t.device.type != "cuda":
+                views[k].copy_(t)  # CPU, or another accelerator: a plain blocking copy
+                if on_copied is not None:
+                    on_copied([k])
     return done
 
 
@@ -230,6 +233,7 @@ class Lease:
     slot: int
     generation: int
     staged: concurrent.futures.Future[None] = field(default_factory=concurrent.futures.Future)
+    copied: Copied | None = None  # how far the copy has got: a thread writer starts before it ends
     slot_wait_s: float = 0.0
     staging_s: float = 0.0
     _released: bool = False
@@ -297,33 +301,52 @@ class Stager:
             self._stream = torch.cuda.Stream()
         return self.pool
 
-    def stage(self, flat: FlatState, step: int) -> Lease | None:
-        """Copy ``flat`` into a free slot; None when every slot is busy and ``on_busy="skip"``."""
+    def stage(
+        self, flat: FlatState, step: int, on_acquired: Callable[[Lease], None] | None = None
+    ) -> Lease | None:
+        """Copy ``flat`` into a free slot; None when every slot is busy and ``on_busy="skip"``.
+
+        ``on_acquired(lease)`` runs once the slot is taken, before the copy starts (a writer
+        handed the lease then may write whatever ``lease.copied`` says is in)."""
         pool = self.ensure(flat)
         t = time.perf_counter()
         slot = pool.acquire(block=self.opts.on_busy == "wait")
         if slot is None:
             return None
-        lease = Lease(pool, slot, self.generation, slot_wait_s=time.perf_counter() - t)
+        copied = Copied(pool.plan.entries, pool.plan.total_bytes)
+        lease = Lease(pool, slot, self.generation, slot_wait_s=time.perf_counter() - t, copied=copied)
         try:
+            if on_acquired is not None:
+                on_acquired(lease)
             if self.opts.overlap:
                 self._copy_overlapped(flat, lease, step)
             else:
                 self._copy(flat, lease, step)
-        except BaseException:
+        except BaseException as e:
+            copied.fail(e)
+            if not lease.staged.done():
+                lease.staged.set_exception(e)
             lease.release()
             raise
         return lease
 
     def _copy(self, flat: FlatState, lease: Lease, step: int) -> None:
         t = time.perf_counter()
+        copied = lease.copied
         try:
-            event = copy_into(lease.pool.views(lease.slot), flat.tensors, self._stream)
+            event = copy_into(
+                lease.pool.views(lease.slot),
+                flat.tensors,
+                self._stream,
+                on_copied=copied.landed if copied is not None else None,
+            )
             if event is not None:
                 event.synchronize()
         except Exception as e:
             raise StagingError(f"copying the state for step {step} into host memory failed: {e}") from e
         lease.staging_s = time.perf_counter() - t
+        if copied is not None:
+            copied.complete()
         lease.staged.set_result(None)
 
     def _copy_overlapped(self, flat: FlatState, lease: Lease, step: int) -> None:
@@ -340,11 +363,14 @@ class Stager:
                 if event is not None:
                     event.synchronize()
             except Exception as e:
-                lease.staged.set_exception(
-                    StagingError(f"copying the state for step {step} into host memory failed: {e}")
-                )
+                err = StagingError(f"copying the state for step {step} into host memory failed: {e}")
+                if lease.copied is not None:
+                    lease.copied.fail(err)
+                lease.staged.set_exception(err)
                 return
             lease.staging_s = time.perf_counter() - t
+            if lease.copied is not None:
+                lease.copied.complete()
             lease.staged.set_result(None)
 
         assert self._helper is not None

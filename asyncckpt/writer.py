@@ -30,6 +30,7 @@ __all__ = ["write_shards", "write_small", "slot_bytes"]
 
 
 Pace = Callable[[int], None]
+Ready = Callable[[int], None]  # blocks until slot bytes [0, n) are final (slot_progress.Copied.wait)
 
 
 def slot_bytes(buffer: torch.Tensor, start: int, n: int) -> memoryview:
@@ -45,9 +46,9 @@ def slot_bytes(buffer: torch.Tensor, start: int, n: int) -> memoryview:
 class _Checksums(threading.Thread):
     """Each blob's checksum over the file image, on its own thread (the write runs meanwhile)."""
 
-    def __init__(self, image: memoryview, f: FileImage, algo: str) -> None:
+    def __init__(self, image: memoryview, f: FileImage, algo: str, ready: Ready | None = None) -> None:
         super().__init__(name="asyncckpt-checksum", daemon=True)
-        self.image, self.file, self.algo = image, f, algo
+        self.image, self.file, self.algo, self.ready = image, f, algo, ready
         self.values: list[int] = []
         self.error: BaseException | None = None
         self.start()
@@ -55,6 +56,8 @@ class _Checksums(threading.Thread):
     def run(self) -> None:
         try:
             for b in self.file.blobs:
+                if self.ready is not None:
+                    self.ready(self.file.start + b.start + b.length)  # its bytes are in the slot
                 self.values.append(checksum(self.algo, self.image[b.start : b.start + b.length]))
         except BaseException as e:  # re-raised by the writer after join
             self.error = e
@@ -69,13 +72,17 @@ def _write_file(
     shapes: dict[str, TensorSlot],
     algo: str,
     pace: Pace | None,
+    ready: Ready | None = None,
 ) -> tuple[dict[str, Chunk], int]:
     image = slot_bytes(buffer, f.start, f.padded)
-    sums = _Checksums(image, f, algo)
+    sums = _Checksums(image, f, algo, ready)
     try:
         if isinstance(storage, BufferWrites):
-            storage.write_file(path, image, f.size, pace)
+            in_file = None if ready is None else (lambda n: ready(f.start + n))  # noqa: E731
+            storage.write_file(path, image, f.size, pace, in_file)
         else:
+            if ready is not None:
+                ready(f.start + f.padded)
             write_stream(storage, path, image[: f.size], pace)
     finally:
         sums.join()
@@ -110,19 +117,23 @@ def write_shards(
     algo: str = DEFAULT,
     pace: Pace | None = None,
     compressor: Compressor | None = None,
+    ready: Ready | None = None,
 ) -> tuple[dict[str, Chunk], dict[str, dict[str, int]]]:
     """Write this rank's shard files from the slot (in parallel on ``pool``).
 
     With ``compressor`` each file is instead a stream of compressed records, one per tensor
     (``compressed.py``), compressed on the compressor's threads.  Each file is retried
-    whole, with backoff, on transient errors: the slot still holds it.
+    whole, with backoff, on transient errors: the slot still holds it.  ``ready(n)`` blocks
+    until slot bytes ``[0, n)`` are final: writing starts while the staging copy runs.
     """
+    if compressor is not None and ready is not None:
+        ready(buffer.numel())  # records are compressed from anywhere in the slot: all of it
     shapes = {e.fqn: e for e in entries}
     names = [layout.shard_filename(rank, f.index) for f in files]
 
     def write(path: str, name: str, f: FileImage) -> tuple[dict[str, Chunk], int]:
         if compressor is None:
-            return _write_file(storage, path, name, f, buffer, shapes, algo, pace)
+            return _write_file(storage, path, name, f, buffer, shapes, algo, pace, ready)
         tensors = [(b.fqn, *((e := shapes[b.fqn]).dtype, e.shape, e.offset, e.nbytes)) for b in f.blobs]
         return write_compressed_file(storage, path, name, tensors, buffer, compressor, algo, pace)
 

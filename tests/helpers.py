@@ -124,7 +124,7 @@ class FaultyStorage(LocalStorage):
     def abort_write(self, f: Any) -> None:
         super().abort_write(f.f if isinstance(f, _FaultyFile) else f)
 
-    def write_file(self, path: str, data: Any, size: int, pace: Any = None) -> None:
+    def write_file(self, path: str, data: Any, size: int, pace: Any = None, ready: Any = None) -> None:
         """The whole-file write (O_DIRECT) with the same faults: at open, after the byte
         budget (leaving the partial file a failed write leaves), at the fsync."""
         self._maybe_fail("open_write")
@@ -136,7 +136,7 @@ class FaultyStorage(LocalStorage):
             raise wrap_os_error("write", path, self.err) from self.err
         if budget is not None:
             self.budget[0] = budget - size
-        super().write_file(path, data, size, pace)
+        super().write_file(path, data, size, pace, ready)
         try:
             self._maybe_fail("finish_write")
         except OSError as e:

@@ -101,13 +101,20 @@ class BufferWrites(Protocol):
     (``O_DIRECT`` from page-aligned memory on local disk; parallel multipart parts on S3)."""
 
     def write_file(
-        self, path: str, data: memoryview, size: int, pace: Callable[[int], None] | None = None
+        self,
+        path: str,
+        data: memoryview,
+        size: int,
+        pace: Callable[[int], None] | None = None,
+        ready: Callable[[int], None] | None = None,
     ) -> None:
         """Write ``data[:size]`` as a new durable file (never replacing one).
 
         ``data`` may extend past ``size`` (zero padding to a page), which lets a direct write
         cover whole pages.  ``pace(n)``, if given, is called after every ``n`` bytes sent, so
-        the caller can cap the bandwidth by sleeping in it.
+        the caller can cap the bandwidth by sleeping in it.  ``ready(n)``, if given, blocks
+        until ``data[:n]`` is final (the staging copy may still be filling the rest): a
+        backend calls it before it reads bytes below ``n``.
         """
         ...
 
@@ -213,7 +220,6 @@ def write_fully(f: Any, data: Any, path: str, pace: Callable[[int], None] | None
         done += n
         if pace is not None:
             pace(n)
-
 
 
 def write_stream(storage: Storage, path: str, data: Any, pace: Callable[[int], None] | None = None) -> None:

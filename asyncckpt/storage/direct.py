@@ -38,9 +38,17 @@ def address(mv: memoryview) -> int | None:
     return ctypes.addressof(ctypes.c_char.from_buffer(mv))
 
 
-def _write(fd: int, mv: memoryview, pace: Callable[[int], None] | None) -> None:
+def _write(
+    fd: int,
+    mv: memoryview,
+    pace: Callable[[int], None] | None,
+    ready: Callable[[int], None] | None = None,
+    base: int = 0,
+) -> None:
     done = 0
     while done < mv.nbytes:
+        if ready is not None:
+            ready(base + min(mv.nbytes, done + _PIECE))  # the staging copy may still be filling it
         n = os.write(fd, mv[done : done + _PIECE])
         if n <= 0:
             raise OSError(errno.EIO, "short write")
@@ -49,17 +57,25 @@ def _write(fd: int, mv: memoryview, pace: Callable[[int], None] | None) -> None:
             pace(n)
 
 
-def write_all(fd: int, data: memoryview, size: int, direct: bool, pace: Callable[[int], None] | None) -> None:
+def write_all(
+    fd: int,
+    data: memoryview,
+    size: int,
+    direct: bool,
+    pace: Callable[[int], None] | None,
+    ready: Callable[[int], None] | None = None,
+) -> None:
     """Write ``data[:size]`` at the start of ``fd``; whole pages directly when ``direct``
-    (``fd`` opened with ``O_DIRECT``), then the tail with ``O_DIRECT`` cleared."""
+    (``fd`` opened with ``O_DIRECT``), then the tail with ``O_DIRECT`` cleared.  Each
+    piece waits for ``ready`` (``BufferWrites.write_file``) first."""
     data = data.cast("B")[:size] if data.format != "B" else data[:size]
     head = size // PAGE * PAGE if direct else 0
     if head:
-        _write(fd, data[:head], pace)
+        _write(fd, data[:head], pace, ready)
     if direct:
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~O_DIRECT)
     if head < size:
-        _write(fd, data[head:], pace)
+        _write(fd, data[head:], pace, ready, head)
 
 
 def read_into(fd: int, offset: int, out: memoryview) -> int:

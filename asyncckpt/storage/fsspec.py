@@ -161,10 +161,18 @@ class FsspecStorage:
 
     # -- BufferWrites
     def write_file(
-        self, path: str, data: memoryview, size: int, pace: Callable[[int], None] | None = None
+        self,
+        path: str,
+        data: memoryview,
+        size: int,
+        pace: Callable[[int], None] | None = None,
+        ready: Callable[[int], None] | None = None,
     ) -> None:
         """On S3, one multipart upload with ``upload_concurrency`` parts in flight at once
-        (aborted on failure, its size confirmed after completion); elsewhere, a stream."""
+        (aborted on failure, its size confirmed after completion); elsewhere, a stream.
+        Waits for the whole file to be ``ready`` first."""
+        if ready is not None:
+            ready(size)
         data = data[:size]
         if self.protocol not in ("s3", "s3a") or size <= self.part_size:
             f = self.open_write(path)

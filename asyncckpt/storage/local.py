@@ -78,7 +78,12 @@ class LocalStorage:
 
     # -- BufferWrites
     def write_file(
-        self, path: str, data: memoryview, size: int, pace: Callable[[int], None] | None = None
+        self,
+        path: str,
+        data: memoryview,
+        size: int,
+        pace: Callable[[int], None] | None = None,
+        ready: Callable[[int], None] | None = None,
     ) -> None:
         """Whole pages with ``O_DIRECT`` where possible, the tail buffered; fsync; then the
         file's pages are dropped from the cache (a checkpoint is not read back soon)."""
@@ -95,7 +100,7 @@ class LocalStorage:
                 fd = os.open(path, flags, 0o644)
             try:
                 try:
-                    write_all(fd, data, size, direct, pace)
+                    write_all(fd, data, size, direct, pace, ready)
                 except OSError as e:
                     if not (direct and e.errno == errno.EINVAL):
                         raise
@@ -104,7 +109,7 @@ class LocalStorage:
                     os.ftruncate(fd, 0)
                     os.lseek(fd, 0, os.SEEK_SET)
                     direct = False
-                    write_all(fd, data, size, False, pace)
+                    write_all(fd, data, size, False, pace, ready)
                 if direct:
                     self.direct.worked(path)
                 os.fsync(fd)
