@@ -18,8 +18,11 @@ from typing import Any
 
 from asyncckpt import layout, list_checkpoints, resume
 from asyncckpt.catalog import list_leftovers, read_manifest
+from asyncckpt.chunkstore import parse_object, referenced, store_of
+from asyncckpt.maintenance import gc
 from asyncckpt.reader import verify_files
-from asyncckpt.storage import storage_for
+from asyncckpt.resume import load_checkpoint
+from asyncckpt.storage import Storage, storage_for
 
 from ._procs import Child
 from ._support import make_state, pid_alive, state_mismatch
@@ -29,6 +32,13 @@ from ._support import make_state, pid_alive, state_mismatch
 # first and then wait: tight (inside the next save's staging or the retention that follows
 # a commit), exponential (mostly mid-write) and uniform over 0-300 ms (anywhere).
 KILL_MODES = (("startup", 0.10), ("tight", 0.25), ("exp", 0.25), ("uniform", 0.40))
+
+
+# reported by a differential run (Fuzz.chunks)
+CHUNK_KEYS = (
+    "missing_parts", "parts_checked", "inc_steps_seen", "inc_steps_deduped", "store_objects_max",
+    "unreferenced_max", "leaked_before_gc", "gc_removed_chunks", "leaked_after_gc", "final_steps_loaded",
+)  # fmt: skip
 
 
 def pick_kill(rng: random.Random) -> tuple[str, int, float]:
@@ -50,6 +60,7 @@ class FuzzResult:
     phases: Counter = field(default_factory=Counter)
     modes: Counter = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
+    extra_keys: tuple[str, ...] = ()  # reported too (the chunk-store counts of a differential run)
 
     def fail(self, what: str) -> None:
         self.failures.append(what)
@@ -61,7 +72,7 @@ class FuzzResult:
             "checkpoints_verified", "leftovers_seen", "leftovers_gone", "orphan_writer_max_ms",
             "uncommitted_prefix_warnings",
         )  # fmt: skip
-        out: dict[str, Any] = {k: self.counts.get(k, 0) for k in keys}
+        out: dict[str, Any] = {k: self.counts.get(k, 0) for k in keys + self.extra_keys}
         out["kill_modes"] = dict(sorted(self.modes.items()))
         out["phases_at_kill"] = dict(sorted(self.phases.items()))
         return out
@@ -121,6 +132,20 @@ class Fuzz:
     leftovers: set[str] = field(default_factory=set)
     result: FuzzResult = field(default_factory=FuzzResult)
     writers: list[int] = field(default_factory=list)
+    frozen_parts: int = 0  # make_state's: > 0 for differential checkpoints (mostly unchanged parts)
+    # distinct (kind, step) of differential steps seen committed, and those referencing parts
+    # an earlier step wrote (dedup really happened)
+    inc_steps: set[tuple[str, int]] = field(default_factory=set)
+    inc_deduped: set[tuple[str, int]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        if self.chunks:
+            self.result.extra_keys = CHUNK_KEYS
+
+    @property
+    def chunks(self) -> bool:
+        """Differential checkpoints: the chunk stores are checked after every round."""
+        return bool(self.base_cfg.get("incremental"))
 
     @property
     def is_url(self) -> bool:
@@ -138,6 +163,8 @@ class Fuzz:
             "train_ms": rng.choice([0, 0, 2, 10]),
             "stdout": os.path.join(self.log_dir, f"round{round_no % 4}.log"),
         }
+        if self.frozen_parts:
+            cfg["frozen_parts"] = self.frozen_parts
         cfg.update(self.base_cfg)
         cfg.update(extra)
         return cfg
@@ -237,7 +264,7 @@ class Fuzz:
         for t in set(tags):
             res.phases[t] += 1
         # a fresh reader resumes the newest committed step
-        fresh = make_state(self.numel)
+        fresh = make_state(self.numel, self.frozen_parts)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             got = resume(self.root, fresh, storage_options=opts)
@@ -294,8 +321,92 @@ class Fuzz:
             if problems:
                 res.counts["corrupt_loads"] += 1
                 res.fail(f"round {round_no}: committed {info.path} fails verification: {problems}")
+        if self.chunks:
+            self.check_chunks(f"round {round_no}", storage, infos, at_kill=round_no != 999)
         self.last_resumed = got
         self.printed.update(s for s in steps if s > top)  # late commits, verified above
+
+    def check_chunks(
+        self, where: str, storage: Storage, infos: list[Any], at_kill: bool = False
+    ) -> dict[str, set[str]]:
+        """Every part a committed step references is in its kind root's chunk store.
+
+        Returns, per chunk store, the objects committed steps reference."""
+        res = self.result
+        refs: dict[str, set[str]] = {}
+        stored: dict[str, set[str]] = {}
+        for info in infos:
+            store = store_of(info.path)
+            if store not in stored:
+                stored[store] = set(storage.listdir(store))
+            m = read_manifest(storage, info.path)
+            mine = referenced(m)
+            refs.setdefault(store, set()).update(mine)
+            missing = sorted(mine - stored[store])
+            key = (str(info.tier), info.step)
+            self.inc_steps.add(key)
+            if any((parse_object(n) or ("", m.step))[1] != m.step for n in mine):
+                self.inc_deduped.add(key)
+            res.counts["parts_checked"] += len(mine)
+            if missing:
+                res.counts["missing_parts"] += len(missing)
+                res.fail(
+                    f"{where}: committed {info.path} references {len(missing)} part(s) "
+                    f"missing from {store}: {missing[:5]}"
+                )
+        newest = max((i.step for i in infos), default=-1)
+        for store, names in stored.items():
+            unref = names - refs.get(store, set())
+            if at_kill and any((parse_object(n) or ("", -1))[1] > newest for n in unref):
+                res.phases["write: parts of an uncommitted step in .chunks"] += 1
+            res.counts["store_objects_max"] = max(res.counts["store_objects_max"], len(names))
+            res.counts["unreferenced_max"] = max(res.counts["unreferenced_max"], len(unref))
+        res.counts["inc_steps_seen"] = len(self.inc_steps)
+        res.counts["inc_steps_deduped"] = len(self.inc_deduped)
+        return refs
+
+    def audit_chunks_after_gc(self) -> None:
+        """After the last trainer closed: ``gc`` leaves each chunk store holding exactly what
+        committed steps reference (no leak, nothing dangling), and every committed step
+        still loads bit-exactly."""
+        res = self.result
+        storage = storage_for(self.root, self.storage_options)
+        infos = list_checkpoints(self.root, storage_options=self.storage_options)
+        before = self.check_chunks("final, before gc", storage, infos)
+        stores = {layout.chunk_store(layout.kind_root(self.root, k)) for k in layout.KINDS}
+        res.counts["leaked_before_gc"] = sum(
+            len(set(storage.listdir(st)) - before.get(st, set())) for st in stores
+        )
+        report = gc(self.root, min_age=0, storage_options=self.storage_options)
+        res.counts["gc_removed_chunks"] = len(report.chunks)
+        if report.errors:
+            res.fail(f"gc reported errors: {report.errors}")
+        infos = list_checkpoints(self.root, storage_options=self.storage_options)
+        refs = self.check_chunks("final, after gc", storage, infos)
+        for st in sorted(stores):
+            names = set(storage.listdir(st))
+            leaked = sorted(names - refs.get(st, set()))
+            dangling = sorted(refs.get(st, set()) - names)
+            res.counts["leaked_after_gc"] += len(leaked)
+            if leaked:
+                res.fail(
+                    f"after gc, {st} holds {len(leaked)} object(s) no committed step references: {leaked[:5]}"
+                )
+            if dangling:  # also counted as missing_parts by check_chunks
+                res.fail(f"after gc, {st} lacks {len(dangling)} referenced object(s): {dangling[:5]}")
+        for info in infos:
+            fresh = make_state(self.numel, self.frozen_parts)
+            try:
+                load_checkpoint(storage, info.path, read_manifest(storage, info.path), fresh)
+            except Exception as e:
+                res.counts["corrupt_loads"] += 1
+                res.fail(f"after gc, {info.path} does not load: {type(e).__name__}: {e}")
+                continue
+            bad = state_mismatch(fresh, info.step)
+            if bad is not None:
+                res.counts["corrupt_loads"] += 1
+                res.fail(f"after gc, {info.path} loaded wrong values: {bad}")
+            res.counts["final_steps_loaded"] += 1
 
     def clean_finish(self, start: Callable[[dict[str, Any]], Child], rng: random.Random) -> Child:
         """A last child resumes, saves two steps and closes; its exit must be clean."""
@@ -310,4 +421,6 @@ class Fuzz:
         if code != 0 or "CLOSED" not in child.seen:
             self.result.fail(f"final child exited {code}; log:\n{self._log_tail(cfg)}")
         self.check(999)
+        if self.chunks:
+            self.audit_chunks_after_gc()
         return child

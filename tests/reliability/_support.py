@@ -58,6 +58,11 @@ def report(name: str, counts: dict[str, Any]) -> None:
 _BASES: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 _BASE_LOCK = threading.Lock()
 
+# Differential checkpoints cut tensors into parts of 4 MiB (chunkstore.PART_SIZE, not imported
+# here so the children do not load the chunk store before they need it).
+PART_ELEMS = (4 << 20) // 4  # float32 / int32 elements in one part
+_FROZEN: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
 
 def _bases(numel: int) -> tuple[torch.Tensor, torch.Tensor]:
     with _BASE_LOCK:
@@ -68,17 +73,35 @@ def _bases(numel: int) -> tuple[torch.Tensor, torch.Tensor]:
         return _BASES[numel]
 
 
-def make_state(numel: int) -> dict[str, Any]:
-    """A zeroed state: four tensors of four dtypes (about 2.3 * numel * 4 bytes) + plain values."""
-    return {
-        "w": {
-            "a": torch.zeros(numel, dtype=torch.float32),
-            "b": torch.zeros(numel // 2, dtype=torch.int64),
-            "c": torch.zeros(numel // 4, dtype=torch.bfloat16),
-            "d": torch.zeros(64, dtype=torch.float64),
-        },
-        "extra": {"step": -1, "hist": [-1, -1]},
+def _frozen(parts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step-independent contents of ``f`` (``parts`` parts, distinct, not very
+    compressible) and of the first part of ``g``."""
+    with _BASE_LOCK:
+        if parts not in _FROZEN:
+            gen = torch.Generator().manual_seed(4242)
+            f = torch.randint(0, 1 << 22, (parts * PART_ELEMS,), generator=gen, dtype=torch.int32)
+            g0 = torch.arange(PART_ELEMS, dtype=torch.int32).mul_(3)
+            _FROZEN[parts] = (f.to(torch.float32), g0)  # integers < 2**24: exact in float32
+        return _FROZEN[parts]
+
+
+def make_state(numel: int, frozen_parts: int = 0) -> dict[str, Any]:
+    """A zeroed state: four tensors of four dtypes (about 2.3 * numel * 4 bytes) + plain values.
+
+    ``frozen_parts`` > 0 (for differential checkpoints) adds ``w.f``, ``frozen_parts`` parts
+    of 4 MiB whose values never change, and ``w.g``, 5 MiB whose first part never changes and
+    whose last MiB changes every third step; so most of each save is deduplicated.
+    """
+    w: dict[str, torch.Tensor] = {
+        "a": torch.zeros(numel, dtype=torch.float32),
+        "b": torch.zeros(numel // 2, dtype=torch.int64),
+        "c": torch.zeros(numel // 4, dtype=torch.bfloat16),
+        "d": torch.zeros(64, dtype=torch.float64),
     }
+    if frozen_parts:
+        w["f"] = torch.zeros(frozen_parts * PART_ELEMS, dtype=torch.float32)
+        w["g"] = torch.zeros(PART_ELEMS + PART_ELEMS // 4, dtype=torch.int32)
+    return {"w": w, "extra": {"step": -1, "hist": [-1, -1]}}
 
 
 def fill(state: dict[str, Any], step: int) -> None:
@@ -89,12 +112,17 @@ def fill(state: dict[str, Any], step: int) -> None:
     w["b"].copy_(b).add_(step)
     w["c"].fill_(float(step % 200))  # integers <= 256: exact in bfloat16
     w["d"].fill_(step + 0.5)
+    if "f" in w:
+        f, g0 = _frozen(w["f"].numel() // PART_ELEMS)
+        w["f"].copy_(f)
+        w["g"][:PART_ELEMS].copy_(g0)
+        w["g"][PART_ELEMS:].fill_(step // 3)
     state["extra"]["step"] = step
     state["extra"]["hist"] = [step - 1, step]
 
 
-def expected_state(numel: int, step: int) -> dict[str, Any]:
-    s = make_state(numel)
+def expected_state(numel: int, step: int, frozen_parts: int = 0) -> dict[str, Any]:
+    s = make_state(numel, frozen_parts)
     fill(s, step)
     return s
 
@@ -116,7 +144,8 @@ def _raw(t: torch.Tensor) -> bytes:
 
 def state_mismatch(state: dict[str, Any], step: int) -> str | None:
     """None if ``state`` is bit-for-bit the state at ``step``; otherwise what differs."""
-    want = expected_state(state["w"]["a"].numel(), step)
+    w = state["w"]
+    want = expected_state(w["a"].numel(), step, w["f"].numel() // PART_ELEMS if "f" in w else 0)
     for k, t in want["w"].items():
         got = state["w"].get(k)
         if got is None or got.dtype != t.dtype or got.shape != t.shape or _raw(got) != _raw(t):

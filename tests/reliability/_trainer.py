@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any
 
-from asyncckpt import AsyncCheckpointer
+from asyncckpt import AsyncCheckpointer, WriterOptions
 from asyncckpt.storage import LocalStorage
 
 from ._support import fill, make_state, s3_options_from_env, state_mismatch
@@ -72,18 +72,33 @@ def _on_done(step: int, fut: Any) -> None:
     event(f"COMMITTED {step}" if exc is None else f"FAILED {step} {type(exc).__name__}")
 
 
+def _writer_kwargs(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The 0.1 flat keywords, as before; ``incremental``/``compression`` need the writer
+    group (a group and a flat keyword of the same group are refused together)."""
+    executor, threads = cfg.get("executor", "thread"), cfg.get("write_threads", 1)
+    if not (cfg.get("incremental") or cfg.get("compression")):
+        return {"write_threads": threads, "executor": executor}
+    return {
+        "writer": WriterOptions(
+            executor=executor,
+            threads=threads,
+            incremental=bool(cfg.get("incremental", False)),
+            compression=cfg.get("compression"),
+        )
+    }
+
+
 def train(cfg: dict[str, Any]) -> int:
     opts = s3_options_from_env() if cfg.get("s3") else None
-    state = make_state(cfg["numel"])
+    state = make_state(cfg["numel"], cfg.get("frozen_parts", 0))
     event("START")
     ck = AsyncCheckpointer(
         cfg["root"],
         state,
         keep=cfg.get("keep"),
         max_inflight=cfg.get("max_inflight", 1),
-        write_threads=cfg.get("write_threads", 1),
-        executor=cfg.get("executor", "thread"),
         storage_options=opts,
+        **_writer_kwargs(cfg),
     )
     if cfg.get("executor") == "process":
         event(f"WRITER {ck._pipeline.executor.process.pid}")  # type: ignore[union-attr]
