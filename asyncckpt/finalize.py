@@ -67,6 +67,8 @@ class Finalizer:
         remote: RemoteTier | None = None,
     ) -> None:
         self.catalog, self.pruner, self.telemetry, self.inbox = catalog, pruner, telemetry, inbox
+        if pruner.in_flight_now is None:  # a chunk sweep asks for the saves in flight at its listing
+            pruner.in_flight_now = self.in_flight
         self.remote = remote
         self._lock = threading.Lock()
         self._inflight: dict[int, SaveHandle] = {}

@@ -81,7 +81,7 @@ def sweep_chunks(
     live_refs: Collection[str],
     me: str | None = None,
     held: Collection[str] = (),
-    in_flight: Collection[int] = (),
+    in_flight: Collection[int] | Callable[[], Collection[int]] = (),
     dry_run: bool = False,
     known: Collection[str] | None = None,
 ) -> list[str]:
@@ -89,20 +89,24 @@ def sweep_chunks(
     (``live_refs``, from every committed manifest of the kind root) and that nobody alive may
     still commit (``chunkstore.unreferenced``); returns their paths.
 
-    The store is listed *before* the owner records are read: a writer writes its record
-    before its first object, so an object it writes after the listing is never seen, and one
-    written before is seen together with its live owner.
+    The store is listed *before* the owner records are read and ``in_flight`` is asked (a
+    callable is called after the listing): a writer writes its record before its first
+    object, and a save counts as in flight before its writer writes a part, so an object
+    written after the listing is never seen, and one written before is seen together with
+    its live owner and its step in flight.  (Steps in flight taken before the listing would
+    miss a save submitted meanwhile, and its parts would be deleted under it.)
     """
     store = layout.chunk_store(layout.kind_root(root, kind))
     names = storage.listdir(store)
     if not names:
         return []
+    steps = in_flight() if callable(in_flight) else in_flight
     now = time.time()
     alive = {t for t, (rec, mtime) in owners(storage, root).items() if is_alive(rec, mtime, now)}
     if me is not None:
         alive.add(me)
     out = []
-    for name in unreferenced(names, live_refs, alive.__contains__, me, held, in_flight, known):
+    for name in unreferenced(names, live_refs, alive.__contains__, me, held, steps, known):
         path = layout.join(store, name)
         if not dry_run:
             storage.remove(path)
@@ -154,6 +158,7 @@ class Pruner:
         owner: str | None = None,
         chunks: bool = False,
         ranks: int = 1,
+        in_flight: Callable[[], Collection[int]] | None = None,
     ) -> None:
         """``snapshot_slots`` None keeps every snapshot (ranks other than 0 never delete);
         ``owner`` is the writer's token, which names its trash; ``chunks``: this writer saves
@@ -162,6 +167,8 @@ class Pruner:
         it deletes only parts it saw referenced, and ``gc`` the orphans of a dead run)."""
         self.owner = owner
         self.chunks = chunks
+        # the saves in flight *now*: a sweep asks after listing the store (sweep_chunks)
+        self.in_flight_now = in_flight
         self._known: set[str] | None = set() if ranks > 1 else None  # every part a step it saw referenced
         self._refs: dict[tuple[Kind, int], frozenset[str]] = {}  # committed manifests are immutable
         self._held: dict[Kind, frozenset[str]] = {}  # each kind's parent: what the next save may reuse
@@ -240,12 +247,16 @@ class Pruner:
         return frozenset(out)
 
     def _sweep(self, kind: Kind, in_flight: Collection[int]) -> None:
+        now = self.in_flight_now
+        steps: Collection[int] | Callable[[], Collection[int]] = (
+            in_flight if now is None else (lambda: set(in_flight) | set(now()))
+        )
         try:
             live = self._live_refs(kind)
             if live is None:
                 return
             gone = sweep_chunks(
-                self.storage, self.root, kind, live, self.owner, self._held.get(kind, ()), in_flight,
+                self.storage, self.root, kind, live, self.owner, self._held.get(kind, ()), steps,
                 known=self._known,
             )  # fmt: skip
         except Exception as e:  # retention must never fail training
