@@ -129,12 +129,14 @@ class PartWriter:
         epoch: int,
         algo: str,
         pace: Pace | None = None,
+        ready: Callable[[int], None] | None = None,
     ) -> tuple[dict[str, Chunk], dict[str, Part], int]:
         """Store tensors ``(fqn, dtype, shape, slot offset, nbytes)`` of one step.
 
         Returns the manifest chunks, every part the step references (by digest: the next
-        parent), and the bytes written.  Parts are hashed here while the pool writes the
-        new ones, so the hashing hides behind the writes."""
+        parent), and the bytes written.  Parts are hashed here, each as soon as ``ready``
+        says its bytes are in the slot (the staging copy may still run), while the pool
+        writes the new ones, so hashing hides behind the copy and the writes."""
         parent = self.parent(root, epoch)
         store = layout.chunk_store(root)
         storage.makedirs(store)
@@ -142,9 +144,11 @@ class PartWriter:
         new: dict[str, Future[Part]] = {}
         refs: list[tuple[str, list[tuple[str, Part | Future[Part]]]]] = []
         try:
-            for fqn, dtype, _, off, nbytes in tensors:
+            for fqn, dtype, _, off, nbytes in sorted(tensors, key=lambda t: t[3]):  # slot order
                 mine: list[tuple[str, Part | Future[Part]]] = []
                 for a in range(0, nbytes, PART_SIZE):
+                    if ready is not None:
+                        ready(off + min(nbytes, a + PART_SIZE))
                     view = _mem(buffer.data_ptr() + off + a, min(PART_SIZE, nbytes - a))
                     digest = _digest(view)
                     got: Part | Future[Part] | None = parent.get(digest) or new.get(digest)

@@ -107,11 +107,9 @@ def write_and_commit(
     new_bytes = 0
     try:
         if parts is not None:
-            if ready is not None:
-                ready(buffer.numel())  # parts are hashed from anywhere in the slot: all of it
             tensors_in = [(e.fqn, e.dtype, e.shape, e.offset, e.nbytes) for e in entries]
             chunks, step_parts, new_bytes = parts.write(
-                storage, req.root, tensors_in, buffer, req.run_id, req.step, req.epoch, DEFAULT, pace
+                storage, req.root, tensors_in, buffer, req.run_id, req.step, req.epoch, DEFAULT, pace, ready
             )
             written: dict[str, dict[str, int]] = {}
         else:

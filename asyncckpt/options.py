@@ -315,7 +315,7 @@ class WriterOptions:
     @property
     def part_threads(self) -> int:
         """Threads writing (and compressing) the parts of a differential save."""
-        return self.compression_threads if self.compression is not None else max(4, self.threads)
+        return self.compression_threads if self.compression is not None else max(8, self.threads)
 
 
 @dataclass(frozen=True)

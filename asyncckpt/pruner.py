@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from . import layout
 from .catalog import Catalog, read_manifest, read_protected, unabandon
@@ -105,12 +106,14 @@ def sweep_chunks(
     alive = {t for t, (rec, mtime) in owners(storage, root).items() if is_alive(rec, mtime, now)}
     if me is not None:
         alive.add(me)
-    out = []
-    for name in unreferenced(names, live_refs, alive.__contains__, me, held, steps, known):
-        path = layout.join(store, name)
-        if not dry_run:
-            storage.remove(path)
-        out.append(path)
+    out = [
+        layout.join(store, n)
+        for n in unreferenced(names, live_refs, alive.__contains__, me, held, steps, known)
+    ]
+    if not dry_run and out:
+        # one request (or unlink) per part: many at once, as a step of 1 GiB has 256 parts
+        with ThreadPoolExecutor(min(8, len(out)), "asyncckpt-sweep") as pool:
+            list(pool.map(storage.remove, out))
     return out
 
 
