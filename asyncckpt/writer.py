@@ -55,9 +55,11 @@ class _Checksums(threading.Thread):
 
     def run(self) -> None:
         try:
+            if self.ready is not None:
+                # after the copy, not beside it: checksums are CPU work that would slow the
+                # trainer's copy (the stall); the write itself is DMA and overlaps it freely
+                self.ready(self.file.start + self.file.padded)
             for b in self.file.blobs:
-                if self.ready is not None:
-                    self.ready(self.file.start + b.start + b.length)  # its bytes are in the slot
                 self.values.append(checksum(self.algo, self.image[b.start : b.start + b.length]))
         except BaseException as e:  # re-raised by the writer after join
             self.error = e
