@@ -308,16 +308,7 @@ def _read_shard(
     """The tensors of one output file, by output name, in plan order, cast as planned."""
     tensors: dict[str, torch.Tensor] = {}
     with contextlib.ExitStack() as stack:
-        handles: dict[str, Any] = {}
-
-        def open_file(name: str) -> Any:
-            if name not in handles:
-                handles[name] = stack.enter_context(
-                    PartSource(storage, store_of(step_dir))  # a differential chunk's parts
-                    if not name
-                    else storage.open_read(layout.join(step_dir, name))
-                )
-            return handles[name]
+        open_file = chunk_opener(storage, step_dir, stack)
 
         def first_chunk(it: ExportItem) -> tuple[str, int]:
             return min(((c.file, c.offset) for c in it.entry.chunks), default=("", 0))
@@ -329,6 +320,34 @@ def _read_shard(
             if progress is not None:
                 progress(it.read_bytes)
     return {it.name: tensors[it.name] for it in items}
+
+
+def check_exportable(step_dir: str, manifest: Manifest, out_dir: str) -> None:
+    """ConfigError unless ``out_dir`` is local and the step is a whole checkpoint."""
+    if "://" in out_dir:
+        raise ConfigError(f"export writes to a local directory, got {out_dir!r}")
+    if manifest.piece is not None:
+        raise ConfigError(
+            f"{step_dir} holds only rank {manifest.piece}'s shards of a {manifest.world_size}-rank "
+            "checkpoint (one rank's part of a local-first tier); export the remote root's step"
+        )
+
+
+def chunk_opener(storage: Storage, step_dir: str, stack: contextlib.ExitStack) -> Callable[[str], Any]:
+    """What :func:`read_tensor` opens a chunk's file with: each shard file once (closed with
+    ``stack``), and for a differential chunk (no file) the chunk store."""
+    handles: dict[str, Any] = {}
+
+    def open_file(name: str) -> Any:
+        if name not in handles:
+            handles[name] = stack.enter_context(
+                PartSource(storage, store_of(step_dir))
+                if not name
+                else storage.open_read(layout.join(step_dir, name))
+            )
+        return handles[name]
+
+    return open_file
 
 
 def _save(tensors: dict[str, torch.Tensor], path: str) -> None:
@@ -367,13 +386,7 @@ def export_safetensors(
         ConfigError: a bad option, or ``out_dir`` already holds an export and not ``overwrite``.
         CorruptCheckpointError: a shard is missing, short or fails its checksum.
     """
-    if "://" in out_dir:
-        raise ConfigError(f"export writes to a local directory, got {out_dir!r}")
-    if manifest.piece is not None:
-        raise ConfigError(
-            f"{step_dir} holds only rank {manifest.piece}'s shards of a {manifest.world_size}-rank "
-            "checkpoint (one rank's part of a local-first tier); export the remote root's step"
-        )
+    check_exportable(step_dir, manifest, out_dir)
     plan = plan_export(
         manifest, only=only, strip_prefix=strip_prefix, dtype=dtype, max_shard_size=max_shard_size
     )

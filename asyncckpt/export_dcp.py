@@ -80,15 +80,9 @@ def export_dcp(
             a checkpoint and not ``overwrite``.
         CorruptCheckpointError: a shard or part is missing, short or fails its checksum.
     """
-    from .export import read_tensor
+    from .export import check_exportable, chunk_opener, read_tensor
 
-    if "://" in out_dir:
-        raise ConfigError(f"export writes to a local directory, got {out_dir!r}")
-    if manifest.piece is not None:
-        raise ConfigError(
-            f"{step_dir} holds only rank {manifest.piece}'s shards of a {manifest.world_size}-rank "
-            "checkpoint (one rank's part of a local-first tier); export the remote root's step"
-        )
+    check_exportable(step_dir, manifest, out_dir)
     problems = file_problems(storage, step_dir, manifest, shard_files(manifest))
     if problems:
         raise CorruptCheckpointError("; ".join(problems))
@@ -102,17 +96,7 @@ def export_dcp(
     total = 0
     try:
         with contextlib.ExitStack() as stack:
-            handles: dict[str, Any] = {}
-
-            def open_file(name: str) -> Any:
-                if name not in handles:
-                    if not name:
-                        from .chunkstore import PartSource, store_of
-
-                        handles[name] = PartSource(storage, store_of(step_dir))
-                    else:
-                        handles[name] = stack.enter_context(storage.open_read(layout.join(step_dir, name)))
-                return handles[name]
+            open_file = chunk_opener(storage, step_dir, stack)
 
             with open(tmp, "wb") as f:
                 pos = 0
