@@ -351,9 +351,10 @@ def unreferenced(
     ``live_refs``: everything a committed manifest of the kind root references.  ``alive``:
     whether an owner token is a live writer.  ``me``: the deleting writer's own token, whose
     objects go unless ``held`` (its parent's) or written for a step ``in_flight``.  With
-    ``known`` (several ranks, whose saves in flight the deleting rank cannot see), only
-    those of its objects go that a committed step it saw once referenced.  Names that are
-    not store objects are left alone.
+    ``known`` (several ranks, whose saves in flight the deleting rank cannot see; a remote
+    tier, where uploads bring parts before their manifest), only objects that a committed
+    step it saw once referenced go, whoever wrote them.  Names that are not store objects
+    are left alone.
     """
     out = []
     for name in names:
@@ -361,9 +362,13 @@ def unreferenced(
         if info is None or name in live_refs or name in held:
             continue
         owner, step = info
-        if owner == me:
-            if (name in known) if known is not None else (step not in in_flight):
+        if owner != me and alive(owner):
+            continue  # another live writer's: never
+        if known is not None:
+            # parts may arrive before their manifest (another rank's save, an upload of a
+            # dead run's step): only those a committed step once referenced may go
+            if name in known:
                 out.append(name)
-        elif not alive(owner):
+        elif owner != me or step not in in_flight:
             out.append(name)
     return out

@@ -411,11 +411,14 @@ def gc(
     deleted = {i.step for i in report.deleted}
     report.kept = sorted(s for s in by_step if s not in deleted)
     for kind in KINDS:
-        _sweep_store(storage, root, kind, [i for i in infos if i.tier == kind and i.step not in deleted], report)
+        live_infos = [i for i in infos if i.tier == kind and i.step not in deleted]
+        _sweep_store(storage, root, kind, live_infos, report, min_age)
     return report
 
 
-def _sweep_store(storage: Storage, root: str, kind: Kind, infos: list[CheckpointInfo], report: GcReport) -> None:
+def _sweep_store(
+    storage: Storage, root: str, kind: Kind, infos: list[CheckpointInfo], report: GcReport, min_age: float
+) -> None:
     """Remove the parts of ``kind``'s chunk store that no committed step references and no
     live writer may still commit (``pruner.sweep_chunks``)."""
     if not storage.listdir(layout.chunk_store(layout.kind_root(root, kind))):
@@ -429,7 +432,7 @@ def _sweep_store(storage: Storage, root: str, kind: Kind, infos: list[Checkpoint
                 report.errors.append(f"chunk store of {kind} not swept: {e}")
                 return
     try:
-        report.chunks += sweep_chunks(storage, root, kind, live, dry_run=report.dry_run)
+        report.chunks += sweep_chunks(storage, root, kind, live, dry_run=report.dry_run, min_age=min_age)
     except (AsyncCheckpointError, OSError) as e:
         report.errors.append(f"could not sweep the chunk store of {kind}: {' '.join(str(e).split())}")
 

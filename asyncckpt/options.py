@@ -237,7 +237,8 @@ class WriterOptions:
             no committed step references them.  The first save after a start or a resume is
             whole.  Composes with ``compression``.  Like compressed ones, differential steps
             are asyncckpt's own format: ``asyncckpt export --format dcp`` writes a plain copy.
-            Several ranks each store their own parts.  Not yet with a ``local_dir`` tier.
+            Several ranks each store their own parts; a ``local_dir`` tier uploads only the
+            parts the remote lacks.  Not yet with ``local_dir`` on several ranks.
     """
 
     executor: str = "thread"

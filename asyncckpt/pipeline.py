@@ -91,10 +91,11 @@ class Pipeline:
                     "must be loadable from one root; drop local_dir or the snapshots option"
                 )
             self.root = layout.join(self.root, layout.rank_dir(self.dist.rank))  # type: ignore[union-attr]
-        if opts.writer.incremental and st.local_dir is not None:
+        if opts.writer.incremental and self.pieces:
             raise ConfigError(
-                "WriterOptions(incremental=True) does not work with a local_dir tier yet (the uploader "
-                "copies step directories, not the chunk store): drop incremental or local_dir"
+                "WriterOptions(incremental=True) does not work with a local_dir tier on several ranks "
+                "yet (their pieces are joined on the remote, their parts are not): drop incremental or "
+                "local_dir, or run on one rank"
             )
         self.storage.makedirs(self.root)
         if isinstance(self.storage, RootCheck):
@@ -152,7 +153,14 @@ class Pipeline:
                 if coordinator:
                     remote.catalog = Catalog(list_in(self.remote, self.remote_root))
                     remote.pruner = Pruner(
-                        self.remote, self.remote_root, remote.catalog, opts.keep, slots, self.run_id
+                        self.remote,
+                        self.remote_root,
+                        remote.catalog,
+                        opts.keep,
+                        slots,
+                        self.run_id,
+                        chunks=opts.writer.incremental,
+                        known_only=True,  # uploads bring parts before their manifests
                     )
             self.finalizer = Finalizer(self.catalog, self.pruner, self.telemetry, self.inbox, remote)
             # a crash may have interrupted uploads: finish them (a step of several ranks commits

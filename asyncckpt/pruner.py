@@ -85,10 +85,13 @@ def sweep_chunks(
     in_flight: Collection[int] | Callable[[], Collection[int]] = (),
     dry_run: bool = False,
     known: Collection[str] | None = None,
+    min_age: float = 0.0,
 ) -> list[str]:
     """Delete the chunk-store objects of ``kind`` that no committed step references
     (``live_refs``, from every committed manifest of the kind root) and that nobody alive may
     still commit (``chunkstore.unreferenced``); returns their paths.
+
+    ``min_age`` (``gc``) spares parts written less than that many seconds ago.
 
     The store is listed *before* the owner records are read and ``in_flight`` is asked (a
     callable is called after the listing): a writer writes its record before its first
@@ -110,6 +113,13 @@ def sweep_chunks(
         layout.join(store, n)
         for n in unreferenced(names, live_refs, alive.__contains__, me, held, steps, known)
     ]
+    if min_age > 0:  # gc: a part written recently may belong to a save or an upload under way
+        stats = [storage.stat(p) for p in out]
+        out = [
+            p
+            for p, st in zip(out, stats)
+            if st is not None and st.mtime is not None and now - st.mtime >= min_age
+        ]
     if not dry_run and out:
         # one request (or unlink) per part: many at once, as a step of 1 GiB has 256 parts
         with ThreadPoolExecutor(min(8, len(out)), "asyncckpt-sweep") as pool:
@@ -162,17 +172,22 @@ class Pruner:
         chunks: bool = False,
         ranks: int = 1,
         in_flight: Callable[[], Collection[int]] | None = None,
+        known_only: bool = False,
     ) -> None:
         """``snapshot_slots`` None keeps every snapshot (ranks other than 0 never delete);
         ``owner`` is the writer's token, which names its trash; ``chunks``: this writer saves
         differential steps, so their chunk stores are swept after every prune; ``ranks``: how
         many ranks write them (with several, this rank cannot see the others' saves in flight:
-        it deletes only parts it saw referenced, and ``gc`` the orphans of a dead run)."""
+        it deletes only parts it saw referenced, and ``gc`` the orphans of a dead run);
+        ``known_only``: the same for a remote tier, whose uploads bring parts before their
+        manifest."""
         self.owner = owner
         self.chunks = chunks
         # the saves in flight *now*: a sweep asks after listing the store (sweep_chunks)
         self.in_flight_now = in_flight
-        self._known: set[str] | None = set() if ranks > 1 else None  # every part a step it saw referenced
+        self._known: set[str] | None = (
+            set() if ranks > 1 or known_only else None
+        )  # parts a step it saw referenced
         self._refs: dict[tuple[Kind, int], frozenset[str]] = {}  # committed manifests are immutable
         self._held: dict[Kind, frozenset[str]] = {}  # each kind's parent: what the next save may reuse
         self.storage = storage

@@ -1,7 +1,8 @@
 """The local-first tier: commit to fast local disk, upload to the remote root in the background.
 
-A committed local step is copied file by file to the remote root's step prefix, with
-``manifest.json`` last, exactly like a direct remote commit; readers of the remote root
+A committed local step is copied file by file to the remote root's step prefix (a
+differential step's new parts first, into the remote chunk store), with ``manifest.json``
+last, exactly like a direct remote commit; readers of the remote root
 therefore never see a partial upload.  When the upload is confirmed, a ``.uploaded`` marker
 is written into the local step directory.  The local manifest names its remote target, so
 ``list_checkpoints`` can tell "pending" from "uploaded" even in a later process.
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import layout
+from .chunkstore import referenced, store_of
 from .commit import await_manifest, gather_done_records, write_done_record, write_manifest
 from .errors import AsyncCheckpointError, StepExistsError, StorageError
 from .handle import CheckpointInfo
@@ -70,7 +72,7 @@ def upload_step(local: Storage, local_dir: str, remote: Storage, remote_dir: str
     remote.makedirs(remote_dir)  # a shared POSIX remote (object stores need none)
     marker = layout.join(remote_dir, layout.WRITER_MARKER)
     write_small(remote, marker, owner.encode())
-    total = 0
+    total = _upload_parts(local, local_dir, remote, remote_dir)
     for name in names:
         total += _copy_file(local, layout.join(local_dir, name), remote, layout.join(remote_dir, name))
     total += _copy_file(
@@ -79,6 +81,28 @@ def upload_step(local: Storage, local_dir: str, remote: Storage, remote_dir: str
     remote.remove(marker)
     _mark_uploaded(local, local_dir)
     return total
+
+
+def _upload_parts(local: Storage, local_dir: str, remote: Storage, remote_dir: str) -> int:
+    """A differential step: copy the parts it references that the remote chunk store lacks
+    (usually only the ones this step wrote), before its manifest.  A part the remote has is
+    referenced by the newest remote step, so the remote's sweep cannot take it meanwhile; one
+    uploaded here is referenced by no remote step yet, and the remote's sweep deletes only
+    parts it saw referenced (``Pruner(known_only=True)``).  Returns the bytes uploaded."""
+    path = layout.join(local_dir, layout.MANIFEST)
+    names = sorted(referenced(Manifest.from_json(local.read_bytes(path), path)))
+    if not names:
+        return 0
+    src, dst = store_of(local_dir), store_of(remote_dir)
+    remote.makedirs(dst)
+
+    def one(name: str) -> int:
+        if remote.stat(layout.join(dst, name)) is not None:
+            return 0
+        return _copy_file(local, layout.join(src, name), remote, layout.join(dst, name))
+
+    with concurrent.futures.ThreadPoolExecutor(8, "asyncckpt-upload-parts") as pool:
+        return sum(pool.map(one, names))
 
 
 def _mark_uploaded(local: Storage, local_dir: str) -> None:

@@ -300,14 +300,35 @@ def test_ls_and_inspect_show_shared_and_own_bytes(tmp_path, capsys) -> None:
     assert "shared with earlier steps" in capsys.readouterr().out
 
 
-def test_refused_with_a_local_first_tier(tmp_path) -> None:
-    with pytest.raises(ConfigError, match="incremental"):
-        AsyncCheckpointer(
-            str(tmp_path / "remote"),
-            _state(),
-            writer=INC,
-            storage=StorageOptions(local_dir=str(tmp_path / "l")),
-        )
+def test_local_first_tier_uploads_only_the_new_parts(tmp_path) -> None:
+    """Differential steps committed locally, uploaded with only the parts the remote lacks;
+    the remote's retention and sweep keep exactly what its steps reference; a fresh reader
+    of the remote alone loads the newest step."""
+    remote, local = str(tmp_path / "remote"), str(tmp_path / "local")
+    state = _state()
+    with AsyncCheckpointer(
+        remote, state, keep=KeepLast(2), writer=INC, storage=StorageOptions(local_dir=local)
+    ) as ck:
+        for step in range(1, 5):
+            _train(state, step)
+            ck.save_async(step, force=True).result()
+            ck.wait_uploaded()
+            if step == 1:
+                base = _store(remote)
+            elif step == 2:
+                assert len(_store(remote) - base) == 2  # the head and the counter: nothing else went up
+    want = snapshot({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
+    steps = sorted(n for n in os.listdir(remote) if n.startswith("step_"))
+    assert steps == ["step_000000003", "step_000000004"]
+    assert _store(remote) == _refs(remote, 3) | _refs(remote, 4)  # nothing dangling, nothing leaked
+    assert any(parse_object(n)[1] == 1 for n in _store(remote))  # type: ignore[index]  # the base, once
+    shutil.rmtree(local)
+    assert_same(_load(remote, None, state), want)
+    for step in (3, 4):
+        assert _problems(remote, step) == []
+
+
+def test_bad_values_are_refused() -> None:
     with pytest.raises(ConfigError, match="incremental must be True or False"):
         WriterOptions(incremental=1)  # type: ignore[arg-type]
 
@@ -378,3 +399,48 @@ def test_a_save_that_fails_writing_parts_takes_them_back(tmp_path) -> None:
         assert _store(root) == set()
         ck.save_async(2, force=True).committed.result()
     assert _store(root) == _refs(root, 2)
+
+
+def test_who_may_delete_which_part() -> None:
+    """The deletion rules of ``chunkstore.unreferenced``, case by case."""
+    from asyncckpt.chunkstore import object_name, unreferenced
+
+    me, dead, live = "a" * 16, "b" * 16, "c" * 16
+    h = "0" * 32
+
+    def name(owner: str, step: int) -> str:
+        return object_name(h, owner, step, "1234abcd")
+
+    mine_done, mine_flying, mine_held, mine_live = (name(me, s) for s in (1, 2, 3, 4))
+    theirs_dead, theirs_live = name(dead, 5), name(live, 6)
+    names = [mine_done, mine_flying, mine_held, mine_live, theirs_dead, theirs_live, "not-a-part"]
+
+    def alive(t: str) -> bool:
+        return t in (me, live)
+
+    got = unreferenced(names, {mine_live}, alive, me, held={mine_held}, in_flight={2})
+    assert sorted(got) == sorted([mine_done, theirs_dead])
+    # known mode (several ranks, a remote tier): only what a committed step once referenced
+    got = unreferenced(names, {mine_live}, alive, me, held={mine_held}, in_flight={2}, known={mine_flying})
+    assert got == [mine_flying]
+    got = unreferenced(names, set(), alive, me, known={theirs_dead, theirs_live})
+    assert got == [theirs_dead]  # never another live writer's
+    assert unreferenced(names, set(), alive, None) == [theirs_dead]  # gc: dead owners only
+
+
+def test_gc_spares_young_parts_of_a_dead_run(tmp_path) -> None:
+    """A crashed run's unreferenced parts go with gc, but only once older than --min-age (an
+    upload of them may be under way)."""
+    from asyncckpt.chunkstore import object_name
+
+    root = str(tmp_path / "ckpt")
+    state = _state()
+    with AsyncCheckpointer(root, state, writer=INC) as ck:
+        ck.save_async(1, force=True).result()
+    orphan = os.path.join(root, ".chunks", object_name("f" * 32, "d" * 16, 9, "00000000"))
+    with open(orphan, "wb") as f:
+        f.write(b"x" * 100)
+    assert gc(root).chunks == []  # young: spared by the default --min-age
+    os.utime(orphan, (1, 1))
+    assert gc(root).chunks == [orphan]  # old, owner gone, referenced by no step
+    assert _store(root) == _refs(root, 1)
