@@ -105,7 +105,10 @@ def test_many_small_saves_round_trip_with_the_writer_racing_the_copy(tmp_path, o
 
     root = str(tmp_path / "ckpt")
     g = torch.Generator().manual_seed(0)
-    state = {f"t{i}": torch.randn(int(torch.randint(1, 300_000, (1,), generator=g)), generator=g) for i in range(40)}
+    state = {
+        f"t{i}": torch.randn(int(torch.randint(1, 300_000, (1,), generator=g)), generator=g)
+        for i in range(40)
+    }
     with AsyncCheckpointer(root, state, staging=StagingOptions(overlap=overlap, max_inflight=2)) as ck:
         for step in range(1, 6):
             for t in state.values():
@@ -118,3 +121,38 @@ def test_many_small_saves_round_trip_with_the_writer_racing_the_copy(tmp_path, o
     got = {k: torch.zeros_like(v) for k, v in state.items()}
     assert resume(root, got) == 5
     assert_same(snapshot(got), want)
+
+
+class _Boom(torch.Tensor):
+    """A tensor whose copy into the slot fails while ``armed``."""
+
+    armed = True
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if _Boom.armed and func is torch.Tensor.copy_ and any(isinstance(a, _Boom) for a in args[1:]):
+            raise RuntimeError("injected copy failure")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_a_failed_copy_fails_the_save_the_writer_started_and_commits_nothing(tmp_path) -> None:
+    """The writer was handed the save before the copy; the copy fails half way: the caller
+    gets the error, the writer stops without committing, and the next save works."""
+    from asyncckpt import StagingError, list_checkpoints
+
+    root = str(tmp_path / "ckpt")
+    state = {"a": torch.randn(8 << 20), "b": torch.randn(1000).as_subclass(_Boom)}
+    with AsyncCheckpointer(root, state) as ck:
+        _Boom.armed = True
+        try:
+            with pytest.raises(StagingError, match="injected copy failure"):
+                ck.save_async(1, force=True)
+        finally:
+            _Boom.armed = False
+        ck.wait()
+        assert list_checkpoints(root) == []
+        ck.save_async(2, force=True).result()
+    assert [c.step for c in list_checkpoints(root)] == [2]
+    got = {"a": torch.zeros(8 << 20), "b": torch.zeros(1000)}
+    assert resume(root, got) == 2
+    assert torch.equal(got["a"], state["a"]) and torch.equal(got["b"], state["b"].as_subclass(torch.Tensor))
