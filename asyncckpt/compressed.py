@@ -41,7 +41,7 @@ from .checksum import checksum
 from .codec import Codec, decoder, encoder
 from .errors import CorruptCheckpointError
 from .manifest import Chunk
-from .storage import Storage, write_fully
+from .storage import DirectStreams, Storage, write_fully
 
 __all__ = ["CHUNK_SIZE", "Compressor", "write_compressed_file", "read_record_into"]
 
@@ -149,7 +149,8 @@ def write_compressed_file(
         return pending.popleft().result()
 
     chunks: dict[str, Chunk] = {}
-    f = storage.open_write(path)
+    # local disks: O_DIRECT through a bounce buffer (no page cache to fill and write back)
+    f = storage.open_direct(path) if isinstance(storage, DirectStreams) else storage.open_write(path)
     try:
         pos = 0
         for fqn, dtype, shape, _, nbytes in tensors:

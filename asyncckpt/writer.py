@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
 import torch
@@ -144,7 +144,11 @@ def write_shards(
         return retrying(storage, lambda: write(path, name, f))
 
     if pool is not None and len(files) > 1:
-        results = list(pool.map(one, names, files))
+        # every file's write ends (failed or not) before this returns or raises: on a failure
+        # the caller removes the temp directory and frees the slot, which the others still use
+        futures = [pool.submit(one, n, f) for n, f in zip(names, files)]
+        wait(futures)
+        results = [f.result() for f in futures]
     else:
         results = [one(n, f) for n, f in zip(names, files)]
     chunks: dict[str, Chunk] = {}

@@ -117,6 +117,10 @@ class FaultyStorage(LocalStorage):
         self._maybe_fail("open_write")
         return _FaultyFile(super().open_write(path), self.budget, self.err)
 
+    def open_direct(self, path: str) -> Any:
+        self._maybe_fail("open_write")
+        return _FaultyFile(super().open_direct(path), self.budget, self.err)
+
     def finish_write(self, f: Any, path: str = "", size: int | None = None) -> None:
         self._maybe_fail("finish_write")
         super().finish_write(f.f if isinstance(f, _FaultyFile) else f, path, size)

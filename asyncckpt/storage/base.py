@@ -120,6 +120,16 @@ class BufferWrites(Protocol):
 
 
 @runtime_checkable
+class DirectStreams(Protocol):
+    """A backend that can take a stream of writes without its page cache (local disks:
+    ``O_DIRECT`` through an aligned bounce buffer), for bytes not already in aligned memory."""
+
+    def open_direct(self, path: str) -> BinaryIO:
+        """Like ``open_write``; ``finish_write`` and ``abort_write`` end it."""
+        ...
+
+
+@runtime_checkable
 class BufferReads(Protocol):
     """A backend that reads a file's bytes straight into memory (local disks: ``pread``,
     with ``O_DIRECT`` when the memory, offset and length are page-aligned)."""

@@ -12,7 +12,7 @@ from typing import BinaryIO
 
 from ..errors import StorageError
 from .base import Stat
-from .direct import O_DIRECT, PAGE, DirectIO, address, write_all
+from .direct import O_DIRECT, PAGE, DirectIO, DirectStream, address, write_all
 from .direct import read_into as pread_into
 
 __all__ = ["LocalStorage", "wrap_os_error"]
@@ -63,11 +63,28 @@ class LocalStorage:
         except OSError as e:
             raise wrap_os_error("open for writing", path, e) from e
 
+    def open_direct(self, path: str) -> BinaryIO:
+        """A new file for a stream of writes through ``O_DIRECT`` (``direct.DirectStream``),
+        or a plain one where the root does not take it."""
+        if self.direct.mode is False or self.direct.supported is False or not O_DIRECT:
+            return self.open_write(path)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        try:
+            fd = os.open(path, flags | O_DIRECT, 0o644)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise wrap_os_error("open for writing", path, e) from e
+            self.direct.refused(path, e)
+            return self.open_write(path)
+        return DirectStream(fd)  # type: ignore[return-value]
+
     def finish_write(self, f: BinaryIO, path: str, size: int | None = None) -> None:
         """Flush and fsync; a file is durable only after this returns."""
         try:
             f.flush()
             os.fsync(f.fileno())
+            if isinstance(f, DirectStream) and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # its buffered tail
         except OSError as e:
             raise wrap_os_error("fsync", path, e) from e
         finally:
