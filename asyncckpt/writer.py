@@ -129,7 +129,8 @@ def write_shards(
     until slot bytes ``[0, n)`` are final: writing starts while the staging copy runs.
     """
     if compressor is not None and ready is not None:
-        ready(buffer.numel())  # records are compressed from anywhere in the slot: all of it
+        # compression is CPU work: beside the trainer's copy it would lengthen the stall
+        ready(buffer.numel())
     shapes = {e.fqn: e for e in entries}
     names = [layout.shard_filename(rank, f.index) for f in files]
 
