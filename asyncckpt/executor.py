@@ -122,7 +122,9 @@ class ThreadExecutor:
         lower_priority(self.opts.cpu_nice, self.opts.io_priority)  # this thread (and its helpers) only
         while (job := self._queue.get()) is not None:
             try:
-                copied = job.lease.copied
+                # with write_during_copy the writer starts now and waits per piece; otherwise
+                # once the snapshot is in (its memory traffic would slow the trainer's copy)
+                copied = job.lease.copied if self.opts.write_during_copy else None
                 if copied is None:
                     job.lease.staged.result()
                 job.queue_wait_s = time.perf_counter() - job.submitted

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from asyncckpt import AsyncCheckpointer, StorageOptions, resume
+from asyncckpt import AsyncCheckpointer, StorageOptions, WriterOptions, resume
 from asyncckpt.blob import TensorSlot
 from asyncckpt.slot_progress import Copied
 from asyncckpt.storage import LocalStorage
@@ -83,7 +83,8 @@ def test_the_writer_starts_before_the_copy_ends_and_writes_the_final_bytes(tmp_p
     root = str(tmp_path / "ckpt")
     state = {f"t{i}": torch.randn(16 << 20) for i in range(8)}  # 512 MiB: the copy takes a while
     storage = _Recording()
-    with AsyncCheckpointer(root, state, storage=StorageOptions(backend=storage)) as ck:
+    writer = WriterOptions(write_during_copy=True)
+    with AsyncCheckpointer(root, state, writer=writer, storage=StorageOptions(backend=storage)) as ck:
         t0 = time.perf_counter()
         h = ck.save_async(1, force=True)
         returned = time.perf_counter()
@@ -109,7 +110,10 @@ def test_many_small_saves_round_trip_with_the_writer_racing_the_copy(tmp_path, o
         f"t{i}": torch.randn(int(torch.randint(1, 300_000, (1,), generator=g)), generator=g)
         for i in range(40)
     }
-    with AsyncCheckpointer(root, state, staging=StagingOptions(overlap=overlap, max_inflight=2)) as ck:
+    writer = WriterOptions(write_during_copy=True)
+    with AsyncCheckpointer(
+        root, state, writer=writer, staging=StagingOptions(overlap=overlap, max_inflight=2)
+    ) as ck:
         for step in range(1, 6):
             for t in state.values():
                 t.mul_(1.5)
@@ -142,7 +146,7 @@ def test_a_failed_copy_fails_the_save_the_writer_started_and_commits_nothing(tmp
 
     root = str(tmp_path / "ckpt")
     state = {"a": torch.randn(8 << 20), "b": torch.randn(1000).as_subclass(_Boom)}
-    with AsyncCheckpointer(root, state) as ck:
+    with AsyncCheckpointer(root, state, writer=WriterOptions(write_during_copy=True)) as ck:
         _Boom.armed = True
         try:
             with pytest.raises(StagingError, match="injected copy failure"):
