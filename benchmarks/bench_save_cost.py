@@ -10,7 +10,8 @@ bytes are durable (fsync'd, committed):
   writes, then fsync: what the device takes, the reference for time to durable;
 - ``raw buffered write``: the same bytes through the page cache, then fsync;
 - ``torch.save + fsync``, ``dcp.save``, ``dcp.async_save`` (thread): the alternatives;
-- ``asyncckpt thread`` and ``asyncckpt process``: ``save_async`` until the handle's result.
+- ``asyncckpt thread`` and ``asyncckpt process``: ``save_async`` until the handle's result;
+  ``asyncckpt thread, write_during_copy``: the thread writer started before the copy ends.
 
 CPU is that of the trainer and the writer together: ``getrusage`` of this process (every
 thread) plus, for the process executor, the writer process's ``/proc/PID/stat`` ticks.
@@ -222,12 +223,15 @@ def run(mib: int, n_tensors: int, reps: int, parent: str, executors: list[str]) 
         "dcp.async_save": (b.dcp_async, True),
     }
     cks = []
-    for ex in executors:
-        root = os.path.join(parent, f"root-{ex}")
-        ck = AsyncCheckpointer(root, state, writer=WriterOptions(executor=ex), keep=1000)
+    settings = [(f"asyncckpt {ex}", WriterOptions(executor=ex)) for ex in executors]
+    if "thread" in executors:  # the thread writer writing while the trainer still copies
+        settings.append(("asyncckpt thread, write_during_copy", WriterOptions(write_during_copy=True)))
+    for name, opts in settings:
+        root = os.path.join(parent, f"root-{len(cks)}")
+        ck = AsyncCheckpointer(root, state, writer=opts, keep=1000)
         ck.save_async(0).result()  # warm: the first save's one-time work is not a save's cost
         cks.append(ck)
-        methods[f"asyncckpt {ex}"] = (b.asyncckpt(ck, [0]), True)
+        methods[name] = (b.asyncckpt(ck, [0]), True)
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     try:
         for _ in range(reps):
