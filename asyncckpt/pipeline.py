@@ -269,9 +269,9 @@ class Pipeline:
         submitted: list[tuple[concurrent.futures.Future[None], concurrent.futures.Future[Any]]] = []
 
         def submit(lease: Lease) -> None:
-            # before the copy: a writer thread starts on the slot's first bytes while the
-            # trainer copies the rest (lease.copied), and the step is in flight before it
-            # writes a byte of it
+            # before the copy: with write_during_copy a writer thread starts on the slot's
+            # first bytes while the trainer copies the rest (lease.copied); either way the
+            # step is in flight before the writer writes a byte of it
             self.finalizer.reserve(handle)
             try:
                 submitted.append(self.executor.submit(request, lease))

@@ -1,8 +1,9 @@
 """How far the staging copy into a slot has got: the writer may write any byte below it.
 
-The trainer copies tensors into a slot one after another; a thread writer starts on the
-slot's first pages while the last tensors are still being copied, so a checkpoint is durable
-after max(copy, write) instead of copy + write.  ``Copied`` turns "these tensors are in"
+The trainer copies tensors into a slot one after another; with
+``WriterOptions(write_during_copy=True)`` a thread writer starts on the slot's first pages
+while the last tensors are still being copied, so a checkpoint is durable after max(copy,
+write) instead of copy + write.  ``Copied`` turns "these tensors are in"
 into "every byte of the slot below this offset is final" (the slot's headers and padding are
 always in place: ``file_layout``), and lets the writer wait for an offset.
 """
