@@ -51,6 +51,7 @@ __all__ = [
     "PartWriter",
     "object_name",
     "parse_object",
+    "parts_of",
     "read_parts_into",
     "referenced",
     "unreferenced",
@@ -312,9 +313,14 @@ def store_of(step_dir: str) -> str:
     return layout.chunk_store(layout.parent(step_dir)[0])
 
 
+def parts_of(manifest: Manifest) -> dict[str, int]:
+    """Every store object a step references, with its stored size."""
+    return {p.name: p.stored for t in manifest.tensors.values() for c in t.chunks for p in c.parts or ()}
+
+
 def part_bytes(manifest: Manifest) -> tuple[int, int]:
     """(bytes of every part a step references, bytes of those it wrote itself)."""
-    parts = {p.name: p.stored for t in manifest.tensors.values() for c in t.chunks for p in c.parts or ()}
+    parts = parts_of(manifest)
     own = sum(n for name, n in parts.items() if (parse_object(name) or ("", -1))[1] == manifest.step)
     return sum(parts.values()), own
 
@@ -334,7 +340,7 @@ def store_bytes(storage: Storage, store: str) -> tuple[int, int]:
 
 def referenced(manifest: Manifest) -> set[str]:
     """The store objects a step references."""
-    return {p.name for t in manifest.tensors.values() for c in t.chunks for p in c.parts or ()}
+    return set(parts_of(manifest))
 
 
 def unreferenced(

@@ -24,7 +24,7 @@ from .catalog import (
     read_protected,
 )
 from .checksum import ALGORITHMS
-from .chunkstore import referenced, store_bytes
+from .chunkstore import store_bytes
 from .errors import (
     AsyncCheckpointError,
     CheckpointNotFoundError,
@@ -37,7 +37,7 @@ from .layout import KINDS, Kind
 from .manifest import Manifest
 from .ownership import is_alive, owner_of, owners, record_path
 from .policy import CheckpointRecord, RetentionPolicy, plan_deletions
-from .pruner import abort_uploads, decommit_and_remove, sweep_chunks
+from .pruner import abort_uploads, decommit_and_remove, step_references, sweep_chunks
 from .storage import AtomicRename, Storage, is_file, storage_for
 
 __all__ = [
@@ -224,7 +224,10 @@ def state_summary(m: Manifest) -> tuple[dict[str, Any], dict[str, str]]:
 def verify_bytes(m: Manifest) -> int:
     """Bytes ``verify`` reports progress for (files without a whole-file crc)."""
     return sum(
-        c.length for t in m.tensors.values() for c in t.chunks if not set(ALGORITHMS) & set(m.files.get(c.file, {}))
+        c.length
+        for t in m.tensors.values()
+        for c in t.chunks
+        if not set(ALGORITHMS) & set(m.files.get(c.file, {}))
     )
 
 
@@ -425,12 +428,13 @@ def _sweep_store(
         return
     live: set[str] = set()
     for info in infos:
-        try:
-            live |= referenced(read_manifest(storage, info.path))
-        except CorruptCheckpointError as e:
-            if storage.stat(info.path) is not None:  # its references are unknown: delete no part
-                report.errors.append(f"chunk store of {kind} not swept: {e}")
-                return
+        refs = step_references(storage, info.path)
+        if refs is None:  # its references are unknown: delete no part
+            report.errors.append(
+                f"chunk store of {kind} not swept: the manifest of {info.path} cannot be read"
+            )
+            return
+        live |= refs
     try:
         report.chunks += sweep_chunks(storage, root, kind, live, dry_run=report.dry_run, min_age=min_age)
     except (AsyncCheckpointError, OSError) as e:

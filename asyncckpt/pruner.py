@@ -24,7 +24,15 @@ from .ownership import DEFAULT_TTL, is_alive, owner_of, owners, record_path
 from .policy import RetentionPolicy, plan_deletions
 from .storage import AtomicRename, MultipartUploads, Storage, exists
 
-__all__ = ["Pruner", "decommit", "decommit_and_remove", "sweep_tmp", "sweep_chunks", "abort_uploads"]
+__all__ = [
+    "Pruner",
+    "decommit",
+    "decommit_and_remove",
+    "sweep_tmp",
+    "step_references",
+    "sweep_chunks",
+    "abort_uploads",
+]
 
 log = logging.getLogger("asyncckpt")
 
@@ -73,6 +81,19 @@ def sweep_tmp(storage: Storage, root: str, ttl: float = DEFAULT_TTL, now: float 
     for token in set(known) - alive:
         storage.remove(record_path(root, token))
     return removed
+
+
+def step_references(storage: Storage, path: str) -> frozenset[str] | None:
+    """The chunk-store objects committed step ``path`` references; empty once someone else
+    deleted it; None when it is there but its manifest cannot be read (its references are
+    unknown, so no part may be deleted)."""
+    try:
+        return frozenset(referenced(read_manifest(storage, path)))
+    except CorruptCheckpointError as e:
+        if storage.stat(path) is not None:
+            log.warning("asyncckpt: chunk store not swept: %s", e)
+            return None
+        return frozenset()
 
 
 def sweep_chunks(
@@ -250,14 +271,9 @@ class Pruner:
         for step in steps:
             refs = self._refs.get((kind, step))
             if refs is None:
-                path = layout.step_dir(self.root, kind, step)
-                try:
-                    refs = frozenset(referenced(read_manifest(self.storage, path)))
-                except CorruptCheckpointError as e:
-                    if self.storage.stat(path) is not None:
-                        log.warning("asyncckpt: chunk store not swept: %s", e)
-                        return None
-                    refs = frozenset()  # deleted by someone else: it references nothing
+                refs = step_references(self.storage, layout.step_dir(self.root, kind, step))
+                if refs is None:
+                    return None
                 self._refs[(kind, step)] = refs
                 if self._known is not None:
                     self._known |= refs

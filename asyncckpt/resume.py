@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
 from . import distributed, layout, load_plan
 from .catalog import normalize_root, read_abandoned, read_manifest, step_dirs
-from .chunkstore import store_of
+from .chunkstore import parts_of, store_of
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, StateMismatchError, StorageError
 from .layout import Kind
 from .manifest import Manifest
@@ -234,7 +234,7 @@ def _pin(storage: Storage, path: str, manifest: Manifest) -> dict[str, int]:
     fast-pruning trainer loses a step only in the moment between listing and opening, not
     during the whole read."""
     names = shard_files(manifest)
-    parts = {p.name: p.stored for t in manifest.tensors.values() for c in t.chunks for p in c.parts or ()}
+    parts = parts_of(manifest)
     if (
         not isinstance(storage, BufferReads)
         or not os.path.isdir("/proc/self/fd")

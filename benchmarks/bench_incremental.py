@@ -30,7 +30,6 @@ import argparse
 import json
 import mmap
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -40,6 +39,7 @@ from typing import Any
 import torch
 
 from asyncckpt import AsyncCheckpointer, StagingOptions, WriterOptions, resume
+from asyncckpt.bench import machine_info
 from asyncckpt.policy import KeepLast
 
 MIB = 1 << 20
@@ -243,12 +243,7 @@ def run(
     out["full_training"] = fs
     out["raw_layouts"] = raw_layouts(full_mib, reps, parent)
     return {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "loadavg_at_end": os.getloadavg(),
-        },
+        "machine": {**machine_info(), "loadavg_at_end": os.getloadavg()},
         "args": {
             "frozen_gib": frozen_gib,
             "trained_mib": trained_mib,
