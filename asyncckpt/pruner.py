@@ -286,6 +286,10 @@ class Pruner:
             in_flight if now is None else (lambda: set(in_flight) | set(now()))
         )
         try:
+            if not self.chunks and not self.storage.listdir(
+                layout.chunk_store(layout.kind_root(self.root, kind))
+            ):
+                return  # a plain writer on a root without parts: no manifest need be read
             live = self._live_refs(kind)
             if live is None:
                 return

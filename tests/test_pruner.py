@@ -269,3 +269,35 @@ def test_pruner_on_an_object_store(memroot):
     Pruner(storage, root, cat, [KeepLast(1)], snapshot_slots=None).apply()
     assert [c.step for c in list_in(storage, root)] == [3]
     assert storage.listdir(layout.step_dir(root, Kind.PERMANENT, 1)) == []
+
+
+def test_a_root_without_parts_is_pruned_without_reading_a_manifest(five):
+    """Retention on a plain root lists no part references: reading (and checking) every new
+    step's manifest after each commit cost the trainer's GIL ~13 ms for 64 tensors."""
+    root, cat = five
+    storage = LocalStorage()
+    read: list[str] = []
+    real = storage.read_bytes
+    storage.read_bytes = lambda path, *a, **k: (read.append(path), real(path, *a, **k))[1]  # type: ignore[method-assign]
+    pruner = Pruner(storage, root, cat, [KeepLast(2)], snapshot_slots=None)
+    assert pruner.apply() == [(Kind.PERMANENT, 10), (Kind.PERMANENT, 20), (Kind.PERMANENT, 30)]
+    assert [p for p in read if p.endswith(layout.MANIFEST)] == []
+
+
+def test_a_plain_writer_still_sweeps_the_parts_of_differential_steps_it_deletes(tmp_path):
+    import torch
+
+    from asyncckpt import AsyncCheckpointer, WriterOptions
+
+    root = str(tmp_path / "ckpt")
+    state = {"w": torch.zeros(3 << 20)}  # 12 MiB: 3 parts
+    store = layout.chunk_store(root)
+    with AsyncCheckpointer(root, state={"m": state}, writer=WriterOptions(incremental=True)) as ck:
+        for s in (1, 2):
+            state["w"].normal_()  # parts differ within and across steps
+            ck.save_async(s).result()
+    assert len(os.listdir(store)) == 6
+    with AsyncCheckpointer(root, state={"m": state}, keep=1) as ck:
+        ck.save_async(3).result()
+    assert _committed(LocalStorage(), root) == [3]
+    assert os.listdir(store) == []
