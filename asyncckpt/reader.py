@@ -256,13 +256,14 @@ class ManifestReader(StorageReader):
             return False
         path, opened = layout.join(self.directory, name), self._path(name)
         out = memoryview((ctypes.c_char * padded).from_address(base)).cast("B")
-        starts = range(0, padded, self.PIECE)
-        reads = [pool.submit(self.storage.read_into, opened, a, out[a : a + self.PIECE]) for a in starts]
+        piece = self.COALESCE_BYTES if isinstance(self.storage, RangedReads) else self.PIECE  # a GET each
+        starts = range(0, padded, piece)
+        reads = [pool.submit(self.storage.read_into, opened, a, out[a : a + piece]) for a in starts]
         pending = sorted(reqs, key=lambda cr: cr[0].offset)
         got = 0
         for a, fut in zip(starts, reads):
             got = a + fut.result()
-            if got < min(size, a + self.PIECE):
+            if got < min(size, a + piece):
                 raise CorruptCheckpointError(
                     f"{path}: file ended after {got} of {size} bytes; the shard is truncated"
                 )

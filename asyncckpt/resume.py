@@ -23,7 +23,7 @@ from .layout import Kind
 from .manifest import Manifest
 from .progress import Progress
 from .reader import ManifestReader, file_problems, shard_files
-from .storage import BufferReads, Storage, storage_for, wrap_os_error
+from .storage import LocalStorage, Storage, storage_for, wrap_os_error
 
 __all__ = ["resume", "resume_in", "load_checkpoint"]
 
@@ -236,7 +236,7 @@ def _pin(storage: Storage, path: str, manifest: Manifest) -> dict[str, int]:
     names = shard_files(manifest)
     parts = parts_of(manifest)
     if (
-        not isinstance(storage, BufferReads)
+        not isinstance(storage, LocalStorage)  # descriptors: local files only
         or not os.path.isdir("/proc/self/fd")
         or len(names) + len(parts) > PIN_MAX
     ):

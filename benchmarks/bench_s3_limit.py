@@ -166,6 +166,18 @@ def one_rep(
         if bad:
             raise AssertionError(f"resume loaded wrong data into {bad[:3]}")
 
+    def load_ck() -> None:
+        # what a training job calls: the checkpointer's resume reads into its staging buffers
+        # (already allocated and touched), whole shard files at a time (after ``load``, which
+        # checked ``like``)
+        for t in state.values():
+            t.zero_()
+        s, reqs = _timed(lambda: ck.resume(step=rep))
+        r["load_ck"].append({"s": s, "requests": reqs})
+        bad = [k for k in state if not torch.equal(state[k], like[k])]
+        if bad:
+            raise AssertionError(f"ck.resume loaded wrong data into {bad[:3]}")
+
     raw = f"{base}/raw_wt{wt}_{rep}"
 
     def raw_put() -> None:
@@ -184,9 +196,9 @@ def one_rep(
         r["raw_get"].append({"s": s, "requests": reqs})
 
     if wt not in shapes or rep % 2 == 0:  # the raw side needs the shape of a first save
-        save(), raw_put(), load(), raw_get()
+        save(), raw_put(), load(), load_ck(), raw_get()
     else:
-        raw_put(), save(), raw_get(), load()
+        raw_put(), save(), raw_get(), load(), load_ck()
     rm(fs, layout.step_dir(ck.root, layout.Kind.PERMANENT, rep))
     rm(fs, raw)
 
@@ -216,7 +228,7 @@ def run(size_gib: float, n_tensors: int, reps: int, threads: list[int]) -> dict[
         }
         try:
             for wt in threads:
-                recs[f"wt={wt}"] = {"upload": [], "raw_put": [], "load": [], "raw_get": []}
+                recs[f"wt={wt}"] = {"upload": [], "raw_put": [], "load": [], "load_ck": [], "raw_get": []}
             for rep in range(reps):
                 print(f"[bench_s3_limit] rep {rep} ...", file=sys.stderr, flush=True)
                 for wt, ck in cks.items():
@@ -258,9 +270,14 @@ def summarize(
             p["s"] / a["s"] for p, a in zip(r["raw_put"], r["upload"])
         )
         m["load_x_raw_paired"] = statistics.median(p["s"] / a["s"] for p, a in zip(r["raw_get"], r["load"]))
+        m["load_ck_x_raw"] = m["raw_get"]["median_s"] / m["load_ck"]["median_s"]
+        m["load_ck_x_raw_paired"] = statistics.median(
+            p["s"] / a["s"] for p, a in zip(r["raw_get"], r["load_ck"])
+        )
         out["configs"][cfg] = m
         out["targets"][f"{cfg} upload >= {GOAL}x raw PUT"] = m["upload_x_raw"] >= GOAL
         out["targets"][f"{cfg} load >= {GOAL}x raw GET"] = m["load_x_raw"] >= GOAL
+        out["targets"][f"{cfg} ck.resume >= {GOAL}x raw GET"] = m["load_ck_x_raw"] >= GOAL
     return out
 
 
@@ -283,6 +300,7 @@ def format_table(r: dict[str, Any]) -> str:
             ("upload", "asyncckpt save..result", (m["upload_x_raw"], m["upload_x_raw_paired"])),
             ("raw_get", f"raw GET ({len(m['gets'])} ranges)", None),
             ("load", "asyncckpt resume", (m["load_x_raw"], m["load_x_raw_paired"])),
+            ("load_ck", "asyncckpt ck.resume", (m["load_ck_x_raw"], m["load_ck_x_raw_paired"])),
         ):
             x = m[what]
             rx = f"{ratio[0]:>6.2f} {ratio[1]:>6.2f}" if ratio is not None else f"{'':>13}"

@@ -7,7 +7,10 @@ Modes, switchable while a test runs (:meth:`FaultProxy.set`):
   and dropped first, so the connection stays usable);
 - ``"drop"``: read the request, then close the connection without answering;
 - ``"outage"``: close the connection at once, without reading the request body (for all
-  requests, new connections are closed before anything is read).
+  requests, new connections are closed before anything is read);
+- ``"cut"``: forward the request, send the answer's headers and the first half of its body
+  (its full ``Content-Length`` announced), then close the connection: a GET that breaks
+  midway.
 
 A fault applies to every request, or to those a predicate ``match(method, path)`` selects
 (``path`` includes the query string), optionally to the next ``count`` of them only; then the
@@ -30,7 +33,7 @@ from urllib.parse import urlsplit
 
 __all__ = ["FaultProxy", "matching", "SLOWDOWN_XML"]
 
-MODES = ("pass", "throttle", "drop", "outage")
+MODES = ("pass", "throttle", "drop", "outage", "cut")
 SLOWDOWN_XML = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n'
     b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message>"
@@ -152,13 +155,13 @@ class _Handler(BaseHTTPRequestHandler):
                 if self.command != "HEAD":
                     self.wfile.write(SLOWDOWN_XML)
                 return
-            self._forward()
+            self._forward(cut=action == "cut")
         except (OSError, http.client.HTTPException, ValueError):
             self.close_connection = True  # a broken client or upstream: end this connection
 
     do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = do_PATCH = do_OPTIONS = _serve
 
-    def _forward(self) -> None:
+    def _forward(self, cut: bool = False) -> None:
         proxy = self.server.proxy
         chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
         up = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
@@ -186,8 +189,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             if bodiless:
                 return
-            while data := resp.read(_CHUNK):
+            left = int(length) // 2 if cut and length is not None else None
+            while data := resp.read(_CHUNK if left is None else min(_CHUNK, left)):
                 self.wfile.write(b"%x\r\n%b\r\n" % (len(data), data) if length is None else data)
+                if left is not None:
+                    left -= len(data)
+                    if left <= 0:
+                        break
+            if left is not None:
+                self.close_connection = True  # half the announced body, then the connection ends
+                return
             if length is None:
                 self.wfile.write(b"0\r\n\r\n")
         finally:

@@ -207,6 +207,39 @@ def test_outage_while_resuming_is_a_storage_error_not_damage(proxied, mode: str,
     assert_same({"w": fresh["w"]}, {"w": saved[2]})
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("reader", ["checkpointer", "standalone"])
+def test_a_get_cut_midway_is_retried_and_a_lasting_fault_loads_nothing(proxied, reader: str) -> None:
+    """A shard GET whose body stops halfway (connection closed before its Content-Length):
+    the checkpointer's resume streams whole files into its staging buffers (``read_into``),
+    a standalone resume reads ranges; both retry the GET and load bit-exactly.  When every
+    GET breaks, the load fails as a storage error and the live state is untouched."""
+    root, opts, _, px = proxied
+    state = {"w": torch.zeros(BIG)}
+    want = _values(1, BIG)
+    with AsyncCheckpointer(root, state, storage_options=opts) as ck:
+        state["w"].copy_(want)
+        ck.save_async(1).result()
+
+        def load() -> int | None:
+            state["w"].zero_()
+            if reader == "checkpointer":
+                return ck.resume(step=1)
+            return resume(root, state, step=1, storage_options=opts)
+
+        px.set("cut", matching("GET", r"\.distcp"), count=2)
+        assert load() == 1
+        assert px.faulted["GET"] == 2
+        assert_same(state, {"w": want})
+
+        px.set("cut", matching("GET", r"\.distcp"))
+        with pytest.raises(StorageError) as ei:
+            load()
+        assert not isinstance(ei.value, CorruptCheckpointError)
+        assert torch.count_nonzero(state["w"]) == 0  # zeroed before the load; nothing applied
+        px.set("pass")
+
+
 # --------------------------------------------------------------------------- #11 failed uploads
 
 

@@ -27,6 +27,7 @@ import asyncckpt.storage.base as storage_base
 from asyncckpt import StorageError
 from asyncckpt.storage import (
     AtomicRename,
+    BufferReads,
     FsspecStorage,
     LocalStorage,
     MultipartUploads,
@@ -457,6 +458,30 @@ def test_read_range(fsspec_backend: Backend) -> None:
     for start, end in [(0, 1), (0, len(data)), (17, 4113), (len(data) - 3, len(data))]:
         assert s.read_range(path, start, end) == data[start:end]
     assert s.read_range(path, len(data) - 3, len(data) + 50) == data[-3:]  # clipped at the end
+
+
+def test_read_into(backend: Backend) -> None:
+    """Every backend reads straight into memory (S3: one ranged GET whose body is copied in as
+    it arrives): whole, partial, clipped at the end, past the end, and a missing file."""
+    s = backend.storage
+    assert isinstance(s, BufferReads)
+    data = _payload(3 * MiB + 4321)  # several network chunks
+    path = backend.write("into.bin", data)
+    buf = bytearray(len(data))
+    assert s.read_into(path, 0, memoryview(buf)) == len(data) and bytes(buf) == data
+    for offset, n in [(0, 1), (17, 4113), (MiB - 5, 2 * MiB + 9), (len(data) - 3, 3)]:
+        out = bytearray(n)
+        assert s.read_into(path, offset, memoryview(out)) == n
+        assert bytes(out) == data[offset : offset + n]
+    tail = bytearray(100)
+    assert s.read_into(path, len(data) - 3, memoryview(tail)) == 3  # fewer only at the end
+    assert bytes(tail[:3]) == data[-3:]
+    assert s.read_into(path, len(data), memoryview(bytearray(8))) == 0
+    assert s.read_into(path, len(data) + 10, memoryview(bytearray(8))) == 0
+    assert s.read_into(path, 0, memoryview(bytearray())) == 0
+    with pytest.raises(StorageError) as info:
+        s.read_into(backend.path("missing.bin"), 0, memoryview(bytearray(4)))
+    assert info.value.errno == errno.ENOENT
 
 
 def test_check_root(fsspec_backend: Backend) -> None:

@@ -22,6 +22,7 @@ _TRANSIENT_WORDS = (
     "service unavailable", "bad gateway", "requesttimeout", "broken pipe", "server disconnected",
     "could not connect", "connection was closed", "endpointconnectionerror", "connectionclosederror",
     "clientconnectorerror", "clientoserror", "connection refused", "reduce your request rate",
+    "clientpayloaderror", "incompleteread", "response payload is not completed",
 )  # fmt: skip
 
 
@@ -334,6 +335,54 @@ class FsspecStorage:
         return retrying(
             self, lambda: bytes(self._call("read", path, self.fs.cat_file, path, start=start, end=end))
         )
+
+    # -- BufferReads
+    def read_into(self, path: str, offset: int, out: memoryview) -> int:
+        """Fill ``out`` from ``path`` at ``offset``; returns the bytes read (fewer only at the
+        end of the object).  On S3, one ranged GET whose body is copied into ``out`` as it
+        arrives: no intermediate object the size of the range, and no second copy out of it."""
+        n = out.nbytes
+        if n == 0:
+            return 0
+        if self.protocol not in ("s3", "s3a") or out.readonly:
+            data = self.read_range(path, offset, offset + n)
+            out[: len(data)] = data
+            return len(data)
+        from fsspec.asyn import sync
+
+        bucket, _, key = path.split("://", 1)[-1].partition("/")
+        get = self._get_into
+        return retrying(
+            self, lambda: self._call("read", path, sync, self.fs.loop, get, bucket, key, offset, out)
+        )
+
+    async def _get_into(self, bucket: str, key: str, offset: int, out: memoryview) -> int:
+        n = out.nbytes
+        try:
+            resp = await self.fs._call_s3(
+                "get_object", Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + n - 1}"
+            )
+        except OSError as e:  # a range starting at or past the end: S3 answers 416
+            if "invalidrange" in str(e).lower() or "not satisfiable" in str(e).lower():
+                return 0
+            raise
+        body, got = resp["Body"], 0
+        dst = ctypes.addressof(ctypes.c_char.from_buffer(out))
+        try:
+            # each piece as the connection delivers it (at most 1 MiB); the body checks that
+            # the whole Content-Length came, and raises otherwise (retried)
+            while chunk := await body.read(1 << 20):
+                k = len(chunk)
+                if got + k > n:
+                    raise StorageError(errno.EIO, f"the store sent more than the {n} bytes asked for", key)
+                if type(chunk) is bytes:
+                    ctypes.memmove(dst + got, chunk, k)  # releases the GIL
+                else:
+                    out[got : got + k] = chunk
+                got += k
+        finally:
+            body.close()
+        return got
 
     def stat(self, path: str) -> Stat | None:
         def attempt() -> Stat | None:
