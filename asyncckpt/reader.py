@@ -10,7 +10,8 @@ resharding when the live tensors are laid out differently from the saved chunks.
 from __future__ import annotations
 
 import ctypes
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -59,6 +60,18 @@ class _RangeFile:
             out[:n] = self.view[start : start + n]
         self.pos += n
         return n
+
+
+class _WholeRead:
+    """A whole-file read under way: its pieces' futures, and the call that waits for them and
+    checks every blob (``ManifestReader._whole_file``)."""
+
+    def __init__(self, futures: list[Future[int]], finish: Callable[[], None]) -> None:
+        self.futures = futures
+        self._finish = finish
+
+    def __call__(self) -> None:
+        self._finish()
 
 
 def coalesce(reqs: list[tuple[Chunk, Any]], limit: int) -> list[list[tuple[Chunk, Any]]]:
@@ -152,17 +165,27 @@ class ManifestReader(StorageReader):
                 for name, reqs in by_file.items()
             }
             with ThreadPoolExecutor(self.READ_CONCURRENCY, "asyncckpt-read") as pool:
+                # every file's pieces are queued before the first is checked, so up to
+                # READ_CONCURRENCY requests are in flight across files (an object store's
+                # shards are a few pieces each)
+                started = []
                 for name in list(by_file):
                     others = [sp for other, sps in spans.items() if other != name for sp in sps]
-                    if self._whole_file(name, by_file[name], planner, pool, others):
+                    reading = self._whole_file(name, by_file[name], planner, pool, others)
+                    if reading is not None:
+                        started.append((name, reading))
+                try:
+                    for name, reading in started:
+                        reading()
                         del by_file[name]
+                finally:  # a failed file: the others' reads end before their buffers are let go
+                    for f in [f for _, r in started for f in r.futures]:
+                        f.cancel()
         # Groups of neighbouring blobs, read concurrently: one ranged GET each on an object
         # store; on a local disk, each group reads straight into its tensors on its own file
         # handle, and the reads and checksums of different groups overlap (both release the GIL).
         jobs = [
-            (name, group)
-            for name, reqs in by_file.items()
-            for group in coalesce(reqs, self.COALESCE_BYTES)
+            (name, group) for name, reqs in by_file.items() for group in coalesce(reqs, self.COALESCE_BYTES)
         ] + [("", [item]) for item in differential]
         parts_pool = ThreadPoolExecutor(self.READ_CONCURRENCY, "asyncckpt-parts") if differential else None
 
@@ -214,20 +237,23 @@ class ManifestReader(StorageReader):
         planner: LoadPlanner,
         pool: ThreadPoolExecutor,
         others: list[tuple[int, int]],
-    ) -> bool:
-        """Read file ``name`` in one pass into the region when its blobs' targets sit there at
-        their file offsets; pieces in flight in parallel, each blob's checksum as soon as its
-        bytes are in.  False (nothing read) when the targets are laid out otherwise, when
-        the load does not want every blob of the file, or when the file's extent would
-        reach another file's targets (``others``: address, bytes)."""
+    ) -> _WholeRead | None:
+        """Start reading file ``name`` in one pass into the region when its blobs' targets sit
+        there at their file offsets: its pieces are queued on ``pool`` and the returned call
+        waits for them, checking each blob's checksum as soon as its bytes are in.  None
+        (nothing read) when the targets are laid out otherwise, when the load does not want
+        every blob of the file, or when the file's extent would reach another file's targets
+        (``others``: address, bytes)."""
         if self.region is None or not isinstance(self.storage, BufferReads):
-            return False
+            return None
         if any(chunk.codec for chunk, _ in reqs):  # compressed records never match the slot
-            return False
+            return None
         # every blob with bytes must be wanted (DCP asks for no empty tensors)
-        in_file = {id(c) for t in self.manifest.tensors.values() for c in t.chunks if c.file == name and c.nbytes}
+        in_file = {
+            id(c) for t in self.manifest.tensors.values() for c in t.chunks if c.file == name and c.nbytes
+        }
         if not in_file <= {id(c) for c, _ in reqs}:
-            return False
+            return None
         dtype = {fqn: t.torch_dtype for fqn, t in self.manifest.tensors.items()}
         base, dests = None, []
         for chunk, req in reqs:
@@ -240,47 +266,50 @@ class ManifestReader(StorageReader):
                 and dest.dtype == dtype[req.storage_index.fqn]
                 and list(dest.shape) == chunk.sizes
             ):
-                return False
+                return None
             at = dest.data_ptr() - chunk.data_offset if chunk.nbytes else None
             if at is not None:
                 if base is not None and at != base:
-                    return False
+                    return None
                 base = at
             dests.append(dest)
         size = self.manifest.files[name]["size"]
         padded = round_up(size, PAGE)
         lo, n = self.region
         if base is None or base % PAGE or base < lo or base + padded > lo + n:
-            return False
+            return None
         if any(a < base + padded and base < a + k for a, k in others if k):
-            return False
+            return None
         path, opened = layout.join(self.directory, name), self._path(name)
         out = memoryview((ctypes.c_char * padded).from_address(base)).cast("B")
         piece = self.COALESCE_BYTES if isinstance(self.storage, RangedReads) else self.PIECE  # a GET each
         starts = range(0, padded, piece)
         reads = [pool.submit(self.storage.read_into, opened, a, out[a : a + piece]) for a in starts]
-        pending = sorted(reqs, key=lambda cr: cr[0].offset)
-        got = 0
-        for a, fut in zip(starts, reads):
-            got = a + fut.result()
-            if got < min(size, a + piece):
-                raise CorruptCheckpointError(
-                    f"{path}: file ended after {got} of {size} bytes; the shard is truncated"
-                )
-            while pending and pending[0][0].offset + pending[0][0].length <= got:
-                chunk, req = pending.pop(0)  # checked while the next pieces are read
-                crc = checksum(chunk.algo, out[chunk.offset : chunk.offset + chunk.length])
-                if crc != chunk.crc:
+
+        def finish() -> None:
+            pending = sorted(reqs, key=lambda cr: cr[0].offset)
+            got = 0
+            for a, fut in zip(starts, reads):
+                got = a + fut.result()
+                if got < min(size, a + piece):
                     raise CorruptCheckpointError(
-                        f"{path} ({req.storage_index.fqn}): checksum mismatch ({chunk.algo} {crc:#010x}, manifest "
-                        f"says {chunk.crc:#010x}); the file is corrupt"
+                        f"{path}: file ended after {got} of {size} bytes; the shard is truncated"
                     )
-        for (chunk, req), dest in zip(reqs, dests):
-            self.bytes_read += chunk.length
-            if self.progress is not None:
-                self.progress(chunk.length)
-            planner.commit_tensor(req, dest)
-        return True
+                while pending and pending[0][0].offset + pending[0][0].length <= got:
+                    chunk, req = pending.pop(0)  # checked while the next pieces are read
+                    crc = checksum(chunk.algo, out[chunk.offset : chunk.offset + chunk.length])
+                    if crc != chunk.crc:
+                        raise CorruptCheckpointError(
+                            f"{path} ({req.storage_index.fqn}): checksum mismatch ({chunk.algo} {crc:#010x}, "
+                            f"manifest says {chunk.crc:#010x}); the file is corrupt"
+                        )
+            for (chunk, req), dest in zip(reqs, dests):
+                self.bytes_read += chunk.length
+                if self.progress is not None:
+                    self.progress(chunk.length)
+                planner.commit_tensor(req, dest)
+
+        return _WholeRead(reads, finish)
 
     def _read_one(self, f: Any, chunk: Chunk, req: Any, planner: LoadPlanner, where: str) -> None:
         dest = planner.resolve_tensor(req).detach()
