@@ -8,8 +8,9 @@ an optional capability, a ``runtime_checkable`` protocol checked with ``isinstan
   Without it (object stores), a step commits when its ``manifest.json`` is written last.
 - :class:`BufferWrites`: a whole file from memory in one call: ``O_DIRECT`` on local
   disks that take it, parallel multipart parts on S3.
-- :class:`BufferReads`: local disks; a resume reads whole shard files straight into the
-  staging slot (``O_DIRECT``, several pieces in flight).
+- :class:`BufferReads`: a byte range straight into memory: ``pread`` (``O_DIRECT`` when
+  aligned) on local disks, one ranged GET copied in as it arrives on S3; a resume reads
+  whole shard files straight into the staging slot, several pieces in flight.
 - :class:`RangedReads`: object stores; loads issue concurrent ranged GETs.
 - :class:`MultipartUploads`: S3; ``gc`` lists and aborts uploads killed writers left open.
 - :class:`RootCheck`: fail at construction when a bucket is missing.

@@ -132,7 +132,8 @@ class DirectStreams(Protocol):
 @runtime_checkable
 class BufferReads(Protocol):
     """A backend that reads a file's bytes straight into memory (local disks: ``pread``,
-    with ``O_DIRECT`` when the memory, offset and length are page-aligned)."""
+    with ``O_DIRECT`` when the memory, offset and length are page-aligned; S3: one ranged
+    GET whose body is copied in as it arrives; other fsspec stores: a ranged read, copied)."""
 
     def read_into(self, path: str, offset: int, out: memoryview) -> int:
         """Fill ``out`` from ``path`` at ``offset``; returns the bytes read (fewer only at
