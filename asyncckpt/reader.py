@@ -66,7 +66,10 @@ class _WholeRead:
     """A whole-file read under way: its pieces' futures, and the call that waits for them and
     checks every blob (``ManifestReader._whole_file``)."""
 
-    def __init__(self, futures: list[Future[int]], finish: Callable[[], None]) -> None:
+    def __init__(
+        self, extent: tuple[int, int], futures: list[Future[int]], finish: Callable[[], None]
+    ) -> None:
+        self.extent = extent  # (address, bytes) it overwrites
         self.futures = futures
         self._finish = finish
 
@@ -168,9 +171,10 @@ class ManifestReader(StorageReader):
                 # every file's pieces are queued before the first is checked, so up to
                 # READ_CONCURRENCY requests are in flight across files (an object store's
                 # shards are a few pieces each)
-                started = []
+                started: list[tuple[str, _WholeRead]] = []
                 for name in list(by_file):
                     others = [sp for other, sps in spans.items() if other != name for sp in sps]
+                    others += [r.extent for _, r in started]  # files read at the same time
                     reading = self._whole_file(name, by_file[name], planner, pool, others)
                     if reading is not None:
                         started.append((name, reading))
@@ -243,7 +247,7 @@ class ManifestReader(StorageReader):
         waits for them, checking each blob's checksum as soon as its bytes are in.  None
         (nothing read) when the targets are laid out otherwise, when the load does not want
         every blob of the file, or when the file's extent would reach another file's targets
-        (``others``: address, bytes)."""
+        or a file being read (``others``: address, bytes)."""
         if self.region is None or not isinstance(self.storage, BufferReads):
             return None
         if any(chunk.codec for chunk, _ in reqs):  # compressed records never match the slot
@@ -309,7 +313,7 @@ class ManifestReader(StorageReader):
                     self.progress(chunk.length)
                 planner.commit_tensor(req, dest)
 
-        return _WholeRead(reads, finish)
+        return _WholeRead((base, padded), reads, finish)
 
     def _read_one(self, f: Any, chunk: Chunk, req: Any, planner: LoadPlanner, where: str) -> None:
         dest = planner.resolve_tensor(req).detach()
