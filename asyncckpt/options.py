@@ -234,7 +234,8 @@ class WriterOptions:
             the trainer still copies the rest (``O_DIRECT`` pieces, differential parts'
             hashes), so a checkpoint is durable up to the copy's time sooner.  Off by
             default: on a CPU state the writer's memory traffic beside the copy lengthened
-            the stall by 1.4x at 1 GiB on 2 cores (docs/benchmarks.md).
+            the stall by 1.0-1.6x at 1 GiB on 2 cores (docs/benchmarks.md).  CUDA copies
+            are marked in 32 MiB runs as the DMA completes (not measured: no GPU was lent).
         incremental: differential checkpoints.  Each tensor is cut into 4 MiB parts; a save
             writes only the parts whose content changed since the last step this writer
             committed (hashed with xxh3-128 by the writer, never on the trainer thread), and

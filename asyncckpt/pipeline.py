@@ -177,6 +177,7 @@ class Pipeline:
                 dtype=opts.select.dtype,
                 files=opts.writer.threads,
                 data_align=PAGE if opts.writer.incremental else BLOB_ALIGN,  # parts written directly
+                cuda_progress=opts.writer.write_during_copy,
             )
             self.stager.ensure(self.sharder.local(selector.flat()).flat)  # allocate before training
             self.executor: ThreadExecutor | ProcessExecutor = (

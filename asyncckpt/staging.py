@@ -184,18 +184,24 @@ class StagingPool:
         self._segments = []
 
 
+CUDA_MARK_BYTES = 32 << 20  # with marks asked for: one event per this many bytes of CUDA copies
+
+
 def copy_into(
     views: Mapping[str, torch.Tensor],
     tensors: Mapping[str, torch.Tensor],
     stream: torch.cuda.Stream | None = None,
     on_copied: Callable[[list[str]], None] | None = None,
+    cuda_marks: list[tuple[list[str], torch.cuda.Event]] | None = None,
 ) -> torch.cuda.Event | None:
     """Copy every live tensor into its slot view.
 
     CUDA copies are queued first on ``stream`` (ordered after the work already queued on
     the current stream), then CPU tensors are copied on this thread while the GPU works,
     ``on_copied`` told after each.  Returns an event that completes with the last CUDA
-    copy, or None if there was none.
+    copy, or None if there was none.  ``cuda_marks`` (a list) receives (tensors, event)
+    for each run of about ``CUDA_MARK_BYTES`` of CUDA copies: waiting on them in order tells
+    how far the copy has got (``Stager._copy``, for a writer that starts during the copy).
     """
     done = None
     with torch.no_grad():
@@ -205,9 +211,19 @@ def copy_into(
             ready = torch.cuda.current_stream().record_event()
             stream.wait_event(ready)
             with torch.cuda.stream(stream):
+                group: list[str] = []
+                pending = 0
                 for k, t in cuda:
                     views[k].copy_(t, non_blocking=True)
+                    if cuda_marks is not None:
+                        group.append(k)
+                        pending += t.numel() * t.element_size()
+                        if pending >= CUDA_MARK_BYTES:
+                            cuda_marks.append((group, stream.record_event()))
+                            group, pending = [], 0
                 done = stream.record_event()
+                if cuda_marks is not None and group:
+                    cuda_marks.append((group, done))
         for k, t in tensors.items():
             if t.device.type != "cuda":
                 views[k].copy_(t)  # CPU, or another accelerator: a plain blocking copy
@@ -265,8 +281,12 @@ class Stager:
         dtype: torch.dtype | None,
         files: int = 1,
         data_align: int = BLOB_ALIGN,
+        cuda_progress: bool = False,
     ) -> None:
         self.opts = opts
+        # a writer reads lease.copied during the copy (write_during_copy): CUDA copies are
+        # then marked in runs as they complete, not only at the end
+        self.cuda_progress = cuda_progress
         self.files = files  # shard files per rank: the slot is laid out as these files
         self.data_align = data_align  # PAGE for differential saves: each part is written directly
         self.shared = shared  # a writer process maps the buffers: named shared memory
@@ -333,13 +353,21 @@ class Stager:
     def _copy(self, flat: FlatState, lease: Lease, step: int) -> None:
         t = time.perf_counter()
         copied = lease.copied
+        marks: list[tuple[list[str], torch.cuda.Event]] | None = (
+            [] if copied is not None and self.cuda_progress else None
+        )
         try:
             event = copy_into(
                 lease.pool.views(lease.slot),
                 flat.tensors,
                 self._stream,
                 on_copied=copied.landed if copied is not None else None,
+                cuda_marks=marks,
             )
+            for fqns, mark in marks or ():  # the writer may write what the GPU has copied
+                mark.synchronize()
+                assert copied is not None
+                copied.landed(fqns)
             if event is not None:
                 event.synchronize()
         except Exception as e:

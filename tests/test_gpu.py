@@ -145,6 +145,45 @@ def test_thread_executor_stages_into_pinned_memory(root: str) -> None:
         assert after is not None and after - before >= 2 * nbytes, (before, after, nbytes)
 
 
+def test_write_during_copy_writes_what_the_gpu_has_copied(root: str) -> None:
+    """With write_during_copy, CUDA copies are marked in ~32 MiB runs as the DMA completes: the
+    writer is let at the slot's first bytes before the copy (the stall) ends, and what it
+    writes is the snapshot, not the state mutated right after save_async."""
+    from asyncckpt import StorageOptions, WriterOptions
+    from asyncckpt.storage import LocalStorage
+
+    class ReadyTimes(LocalStorage):
+        def __init__(self) -> None:
+            super().__init__()
+            self.released: list[float] = []
+
+        def write_file(self, path, data, size, pace=None, ready=None):  # type: ignore[no-untyped-def]
+            def timed(n: int) -> None:
+                ready(n)
+                self.released.append(time.perf_counter())
+
+            super().write_file(path, data, size, pace, timed if ready is not None else None)
+
+    g = torch.Generator(device=DEVICE).manual_seed(5)
+    state = {"w": {f"t{i}": torch.randn(32 << 20, device=DEVICE, generator=g) for i in range(16)}}  # 2 GiB
+    storage = ReadyTimes()
+    writer = WriterOptions(write_during_copy=True)
+    with AsyncCheckpointer(root, state, writer=writer, storage=StorageOptions(backend=storage)) as ck:
+        ck.save_async(0, force=True).result()  # allocate and warm up
+        storage.released.clear()
+        want = {k: _raw(v) for k, v in state["w"].items()}
+        h = ck.save_async(1, force=True)
+        returned = time.perf_counter()
+        for t in state["w"].values():
+            t.add_(1)
+        h.result()
+    assert storage.released and storage.released[0] < returned  # a piece went before the copy ended
+    got = {"w": {k: torch.zeros_like(v) for k, v in state["w"].items()}}
+    assert resume(root, got, step=1) == 1
+    for k, v in got["w"].items():
+        assert torch.equal(_raw(v), want[k]), k
+
+
 # ---------------------------------------------------------------------------- mutation
 
 
