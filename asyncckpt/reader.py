@@ -172,13 +172,13 @@ class ManifestReader(StorageReader):
                 # READ_CONCURRENCY requests are in flight across files (an object store's
                 # shards are a few pieces each)
                 started: list[tuple[str, _WholeRead]] = []
-                for name in list(by_file):
-                    others = [sp for other, sps in spans.items() if other != name for sp in sps]
-                    others += [r.extent for _, r in started]  # files read at the same time
-                    reading = self._whole_file(name, by_file[name], planner, pool, others)
-                    if reading is not None:
-                        started.append((name, reading))
                 try:
+                    for name in list(by_file):
+                        others = [sp for other, sps in spans.items() if other != name for sp in sps]
+                        others += [r.extent for _, r in started]  # files read at the same time
+                        reading = self._whole_file(name, by_file[name], planner, pool, others)
+                        if reading is not None:
+                            started.append((name, reading))
                     for name, reading in started:
                         reading()
                         del by_file[name]

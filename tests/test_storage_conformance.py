@@ -484,6 +484,20 @@ def test_read_into(backend: Backend) -> None:
     assert info.value.errno == errno.ENOENT
 
 
+def test_a_storage_error_raised_inside_a_call_comes_out_unchanged(fsspec_backend: Backend) -> None:
+    """``_call`` wrapped an error that was already a StorageError as its own cause, and
+    ``is_transient`` then followed that cause forever (a RecursionError, not the error)."""
+    s = fsspec_backend.storage
+    mine = StorageError(errno.EIO, "the store sent more than the 8 bytes asked for", "k")
+
+    def bad() -> None:
+        raise mine
+
+    with pytest.raises(StorageError) as info:
+        retrying(s, lambda: s._call("read", "k", bad))
+    assert info.value is mine and not s.is_transient(info.value)
+
+
 def test_check_root(fsspec_backend: Backend) -> None:
     s = fsspec_backend.storage
     s.check_root(fsspec_backend.root)  # the bucket (or memory root) is there

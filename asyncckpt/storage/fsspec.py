@@ -111,11 +111,13 @@ class FsspecStorage:
     def _call(self, op: str, path: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except StorageError:
+            raise  # already ours (chained to itself, is_transient would never end)
         except Exception as e:
             raise self._wrap(op, path, e) from e  # the cause decides whether it is retried
 
     def is_transient(self, exc: BaseException) -> bool:
-        if isinstance(exc, StorageError) and exc.__cause__ is not None:
+        if isinstance(exc, StorageError) and exc.__cause__ is not None and exc.__cause__ is not exc:
             return self.is_transient(exc.__cause__)  # judge the store's error, not our message
         if isinstance(exc, (PermissionError, FileNotFoundError, FileExistsError)):
             return False
@@ -363,7 +365,11 @@ class FsspecStorage:
                 "get_object", Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + n - 1}"
             )
         except OSError as e:  # a range starting at or past the end: S3 answers 416
-            if "invalidrange" in str(e).lower() or "not satisfiable" in str(e).lower():
+            response = getattr(e.__cause__, "response", None) or {}
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            text = str(e).lower()
+            if code == "InvalidRange" or status == 416 or "invalidrange" in text or "not satisfiable" in text:
                 return 0
             raise
         body, got = resp["Body"], 0
