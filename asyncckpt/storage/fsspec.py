@@ -365,9 +365,10 @@ class FsspecStorage:
                 "get_object", Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + n - 1}"
             )
         except OSError as e:  # a range starting at or past the end: S3 answers 416
-            response = getattr(e.__cause__, "response", None) or {}
-            code = str(response.get("Error", {}).get("Code", ""))
-            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            response = getattr(e.__cause__, "response", None)  # botocore's ClientError
+            response = response if isinstance(response, dict) else {}
+            code = str((response.get("Error") or {}).get("Code", ""))
+            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
             text = str(e).lower()
             if code == "InvalidRange" or status == 416 or "invalidrange" in text or "not satisfiable" in text:
                 return 0
