@@ -26,6 +26,12 @@ _TRANSIENT_WORDS = (
 )  # fmt: skip
 
 
+def _bucket_and_key(url: str) -> tuple[str, str]:
+    """``s3://bucket/some/key`` as ("bucket", "some/key")."""
+    bucket, _, key = url.split("://", 1)[-1].partition("/")
+    return bucket, key
+
+
 def _mtime(info: dict[str, Any]) -> float | None:
     """Modification time from an fsspec ``info()`` dict, whatever the backend calls it."""
     for key in ("LastModified", "mtime", "last_modified", "updated", "created"):
@@ -63,6 +69,7 @@ class FsspecStorage:
 
         self.url = url
         self.protocol = url.split("://", 1)[0]
+        self._s3 = self.protocol in ("s3", "s3a")  # multipart uploads and streamed GETs through s3fs
         # the multipart part size: s3fs's own option, honoured here too (we pass it per open)
         self.block_size = int((storage_options or {}).get("default_block_size", block_size))
         self.retries = retries
@@ -139,7 +146,7 @@ class FsspecStorage:
         """Fail early, naming the bucket, if the root's bucket is missing or not ours to see."""
         if self.protocol not in self._OBJECT_STORES:
             return
-        bucket = root.split("://", 1)[1].split("/", 1)[0]
+        bucket = _bucket_and_key(root)[0]
         if self.stat(f"{self.protocol}://{bucket}") is None:  # an unreachable store raises
             raise StorageError(
                 errno.ENOENT,
@@ -177,7 +184,7 @@ class FsspecStorage:
         if ready is not None:
             ready(size)
         data = data[:size]
-        if self.protocol not in ("s3", "s3a") or size <= self.part_size:
+        if not self._s3 or size <= self.part_size:
             f = self.open_write(path)
             try:
                 self._call("write", path, f.write, data)
@@ -190,7 +197,7 @@ class FsspecStorage:
             return
         from fsspec.asyn import sync
 
-        bucket, _, key = path.split("://", 1)[-1].partition("/")
+        bucket, key = _bucket_and_key(path)
         self._call("upload", path, sync, self.fs.loop, self._multipart, bucket, key, data, pace)
         self.fs.invalidate_cache(path)
         actual = self._call("stat", path, self.fs.size, path)
@@ -291,9 +298,9 @@ class FsspecStorage:
         """Multipart uploads begun under ``root`` and never completed nor aborted, as
         (object URL, upload id, start time); a writer killed mid-upload leaves these behind,
         and the store keeps (and bills) their parts until they are aborted."""
-        if self.protocol not in ("s3", "s3a"):
+        if not self._s3:
             return []
-        bucket, _, prefix = root.split("://", 1)[1].partition("/")
+        bucket, prefix = _bucket_and_key(root)
         prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         query: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
         out: list[tuple[str, str, float | None]] = []
@@ -312,7 +319,7 @@ class FsspecStorage:
             query.update(KeyMarker=page.get("NextKeyMarker"), UploadIdMarker=page.get("NextUploadIdMarker"))
 
     def abort_upload(self, url: str, upload_id: str) -> None:
-        bucket, _, key = url.split("://", 1)[1].partition("/")
+        bucket, key = _bucket_and_key(url)
         self._call(
             "abort multipart upload", url, self.fs.call_s3, "abort_multipart_upload",
             Bucket=bucket, Key=key, UploadId=upload_id,
@@ -346,13 +353,13 @@ class FsspecStorage:
         n = out.nbytes
         if n == 0:
             return 0
-        if self.protocol not in ("s3", "s3a") or out.readonly:
+        if not self._s3 or out.readonly:
             data = self.read_range(path, offset, offset + n)
             out[: len(data)] = data
             return len(data)
         from fsspec.asyn import sync
 
-        bucket, _, key = path.split("://", 1)[-1].partition("/")
+        bucket, key = _bucket_and_key(path)
         get = self._get_into
         return retrying(
             self, lambda: self._call("read", path, sync, self.fs.loop, get, bucket, key, offset, out)
