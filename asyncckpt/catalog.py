@@ -26,7 +26,7 @@ from .handle import CheckpointInfo
 from .layout import KINDS, Kind
 from .manifest import MAX_MANIFEST_BYTES, Manifest
 from .retention_policy import CheckpointRecord
-from .storage import AtomicRename, Storage, exists, storage_for
+from .storage import AtomicRename, Storage, exists, is_file, probe_file, storage_for
 
 __all__ = [
     "Catalog",
@@ -63,7 +63,7 @@ def read_manifest(storage: Storage, step_dir: str) -> Manifest:
         StorageError: the storage could not answer (after retries); says nothing of the data.
     """
     path = layout.join(step_dir, layout.MANIFEST)
-    st = storage.stat(path)
+    st = probe_file(storage, path)
     if st is None or st.kind != "file":
         raise CorruptCheckpointError(f"{path} is missing: {step_dir} was never committed")
     if st.size > MAX_MANIFEST_BYTES:
@@ -99,7 +99,7 @@ def step_dirs(storage: Storage, root: str) -> list[tuple[int, Kind, str]]:
 def _upload_state(storage: Storage, path: str, m: Manifest) -> str | None:
     if m.remote is None:
         return None
-    return "uploaded" if exists(storage, layout.join(path, layout.UPLOADED_MARKER)) else "pending"
+    return "uploaded" if is_file(storage, layout.join(path, layout.UPLOADED_MARKER)) else "pending"
 
 
 def list_in(storage: Storage, root: str) -> list[CheckpointInfo]:
@@ -177,7 +177,7 @@ def leftover_reason(storage: Storage, path: str) -> str:
     parent, _ = layout.parent(path)
     if layout.parent(parent)[1] == layout.TMP_DIR:
         return "in-progress or abandoned save"
-    st = storage.stat(layout.join(path, layout.MANIFEST))
+    st = probe_file(storage, layout.join(path, layout.MANIFEST))
     if st is None or st.kind != "file":
         return "no manifest: never committed"
     try:
@@ -199,7 +199,7 @@ def read_protected(storage: Storage, root: str) -> set[int]:
         if (s := layout.parse_step(n)) is not None
     }
     path = layout.join(root, layout.PROTECTED_FILE)
-    st = storage.stat(path)
+    st = probe_file(storage, path)
     if st is None:
         return marked
     if st.kind != "file":  # a FIFO would block the read forever

@@ -37,7 +37,7 @@ from .file_layout import FileImage
 from .handle import CheckpointInfo
 from .manifest import Chunk, Manifest, TensorEntry, dtype_name
 from .request import SaveOutcome, SaveRequest
-from .storage import AtomicRename, Storage, exists, renames_atomically
+from .storage import AtomicRename, Storage, is_file, renames_atomically
 from .writer import write_shards, write_small
 
 __all__ = [
@@ -97,7 +97,7 @@ def write_and_commit(
         tmp = layout.join(layout.tmp_dir(req.root), name)
     else:
         tmp = final
-        if exists(storage, layout.join(final, layout.MANIFEST)):
+        if is_file(storage, layout.join(final, layout.MANIFEST)):
             raise StepExistsError(f"step {req.step} is already committed at {final}")
     storage.makedirs(tmp)
     if not isinstance(storage, AtomicRename) and req.rank == 0:
@@ -285,7 +285,7 @@ def gather_done_records(
             if r in records:
                 continue
             path = layout.join(directory, layout.done_record(r))
-            if exists(storage, path):
+            if is_file(storage, path):
                 try:
                     record = json.loads(storage.read_bytes(path))
                 except (ValueError, OSError):
@@ -335,7 +335,7 @@ def await_manifest(
 ) -> Manifest:
     """A rank other than 0: wait for rank 0's manifest of ``step`` at ``final``."""
     manifest_path = layout.join(final, layout.MANIFEST)
-    if not _poll(lambda: exists(storage, manifest_path), timeout, should_abort, step):
+    if not _poll(lambda: is_file(storage, manifest_path), timeout, should_abort, step):
         raise CheckpointTimeoutError(
             f"step {step}: rank 0 did not commit within {timeout:g}s (crashed or "
             "stuck); this rank's shards are written but the step is not committed"

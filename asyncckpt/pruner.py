@@ -22,7 +22,7 @@ from .errors import CorruptCheckpointError
 from .layout import KINDS, Kind
 from .ownership import DEFAULT_TTL, is_alive, owner_of, owners, record_path
 from .policy import RetentionPolicy, plan_deletions
-from .storage import AtomicRename, MultipartUploads, Storage, exists
+from .storage import AtomicRename, MultipartUploads, Storage, exists, renames_atomically
 
 __all__ = [
     "Pruner",
@@ -320,7 +320,9 @@ class Pruner:
         """Delete one committed step; False (and retried later) if that failed."""
         path = layout.step_dir(self.root, kind, step)
         try:
-            if not exists(self.storage, path):  # already gone (e.g. `asyncckpt gc`)
+            # already gone (e.g. `asyncckpt gc`)?  Only a rename needs to know; on an object
+            # store decommit and remove are fine with nothing there
+            if renames_atomically(self.storage) and not exists(self.storage, path):
                 self.catalog.discard(kind, step)
                 self._failed.discard((kind, step))
                 return True

@@ -26,7 +26,7 @@ from .chunkstore import PartSource, store_of
 from .errors import CorruptCheckpointError
 from .file_layout import BLOB_ALIGN, PAGE, round_up
 from .manifest import Chunk, Manifest
-from .storage import BufferReads, RangedReads, Storage
+from .storage import BufferReads, RangedReads, Storage, probe_file
 
 __all__ = ["ManifestReader", "coalesce", "shard_files", "file_problems", "verify_files"]
 
@@ -361,9 +361,9 @@ def file_problems(
     if isinstance(storage, RangedReads) and len(paths) > 1:
         # one request each on an object store: asked all at once, they cost one round trip
         with ThreadPoolExecutor(min(ManifestReader.READ_CONCURRENCY, len(paths))) as pool:
-            stats = list(pool.map(storage.stat, paths))
+            stats = list(pool.map(lambda p: probe_file(storage, p), paths))
     else:
-        stats = [storage.stat(p) for p in paths]
+        stats = [probe_file(storage, p) for p in paths]
     for path, expected, st in zip(paths, sizes, stats):
         if st is None or st.kind != "file":
             problems.append(f"{path}: missing or not a regular file")

@@ -26,7 +26,7 @@ from .errors import AsyncCheckpointError, StepExistsError, StorageError
 from .handle import CheckpointInfo
 from .layout import Kind
 from .manifest import Manifest
-from .storage import AtomicRename, Storage, exists, retrying
+from .storage import AtomicRename, Storage, is_file, retrying
 from .writer import write_small
 
 __all__ = ["Uploader", "upload_step", "upload_piece"]
@@ -129,7 +129,7 @@ def upload_piece(
     rank = m.piece
     assert rank is not None
     own = {n: f for n, f in m.files.items() if n not in (layout.MANIFEST, layout.DCP_METADATA)}
-    if exists(remote, layout.join(remote_dir, layout.MANIFEST)):
+    if is_file(remote, layout.join(remote_dir, layout.MANIFEST)):
         raise StepExistsError(f"step {m.step} is already committed at {remote_dir}")
     remote.makedirs(remote_dir)
     if isinstance(remote, AtomicRename):  # a POSIX remote: a crashed run's files here would block ours

@@ -480,3 +480,36 @@ def test_a_local_first_upload_failure_is_a_library_error(proxied, tmp_path) -> N
         with pytest.raises(WriteError):
             ck.wait_uploaded(timeout=30)
     assert isinstance(err, (StorageError, WriteError)), repr(err)
+
+
+# --------------------------------------------------------------------------- request budget
+
+
+def test_a_save_and_its_retention_send_only_the_requests_they_need(proxied) -> None:
+    """Each request to a real store is a round trip of tens of milliseconds, and the small
+    ones around a save add up: a steady-state save of one small shard, with retention
+    deleting the step it drops, sends 14 requests (it sent 26 when every small PUT was
+    confirmed by a HEAD, every existence check of a file also listed its prefix, every
+    deletion HEADed its key first and every listing of an empty prefix listed the parent).
+    """
+    root, opts, _, px = proxied
+    state = {"w": torch.zeros(SMALL)}
+    with AsyncCheckpointer(root, state, keep=KeepLast(2), storage_options=opts) as ck:
+        for s in (1, 2, 3):
+            ck.save_async(s).result()
+        first = len(px.log)
+        state["w"].copy_(_values(4))
+        ck.save_async(4).result()
+        sent = [(m, p) for m, p, _ in px.log[first:]]
+        assert [s.step for s in list_checkpoints(root, storage_options=opts)] == [3, 4]
+    heads = [p for m, p in sent if m == "HEAD"]
+    # one HEAD asks whether step 4 is already committed, one reads the 0.1 protected list;
+    # nothing that was just PUT is HEADed again
+    assert len(heads) == 2, sent
+    assert any("step_000000004/manifest.json" in p for p in heads)
+    # a file's existence is one HEAD, not also a one-key listing of its name as a prefix
+    assert not [p for m, p in sent if m == "GET" and "max-keys=1" in p], sent
+    assert len(sent) <= 14, sent
+    restored = {"w": torch.zeros(SMALL)}
+    assert resume(root, restored, storage_options=opts) == 4
+    assert_same(restored, {"w": _values(4)})

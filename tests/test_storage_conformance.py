@@ -273,6 +273,22 @@ def test_listdir(backend: Backend) -> None:
     assert s.listdir(backend.path("missing")) == []
 
 
+def test_probe_file(backend: Backend) -> None:
+    """``probe_file`` answers only "is a regular file there": a directory (on S3, a prefix
+    with objects under it) and a missing path both read as None."""
+    from asyncckpt.storage import probe_file
+
+    f = backend.write("d/sub/x.bin", b"xyz")
+    s = backend.storage
+    assert _kind_size(probe_file(s, f)) == _ks("file", 3)
+    st = probe_file(s, backend.path("d"))
+    assert st is None or st.kind == "dir"  # a backend without a cheaper probe answers with stat
+    assert not is_file(s, backend.path("d")) and not is_file(s, backend.path("d", "sub"))
+    assert probe_file(s, backend.path("d", "nope.bin")) is None
+    empty = backend.write("d/empty.bin", b"")
+    assert _kind_size(probe_file(s, empty)) == _ks("file", 0)
+
+
 def test_remove_file(backend: Backend) -> None:
     a = backend.write("d/a.bin", b"a")
     b = backend.write("d/b.bin", b"b")
@@ -661,6 +677,32 @@ def test_s3_multipart_write_round_trips(s3_backend: Backend) -> None:
 
 
 @pytest.mark.s3
+@pytest.mark.s3
+def test_s3_listdir_and_remove_past_one_page(s3_backend: Backend) -> None:
+    """S3 lists at most 1,000 keys per page and deletes at most 1,000 per request: a prefix
+    with more is listed and removed whole, and nothing next to it is touched."""
+    s = s3_backend.storage
+    n = 1001
+    s.fs.pipe({s3_backend.path("many", f"k{i:05d}"): b"x" for i in range(n)})
+    s.fs.pipe({s3_backend.path("many", "sub", "deep.bin"): b"y", s3_backend.path("many0", "keep.bin"): b"z"})
+    names = s.listdir(s3_backend.path("many"))
+    assert names == sorted([f"k{i:05d}" for i in range(n)] + ["sub"])
+    s.remove(s3_backend.path("many"))
+    assert s.listdir(s3_backend.path("many")) == []
+    assert s.stat(s3_backend.path("many")) is None
+    assert s.listdir(s3_backend.root) == ["many0"]  # a sibling sharing the name's prefix stays
+
+
+@pytest.mark.s3
+def test_s3_remove_refuses_a_whole_bucket(s3_backend: Backend) -> None:
+    s = s3_backend.storage
+    keep = s3_backend.write("keep.bin", b"k")
+    bucket = s3_backend.root.split("/")[2]
+    with pytest.raises(StorageError, match="whole bucket"):
+        s.remove(f"s3://{bucket}")
+    assert is_file(s, keep)
+
+
 def test_s3_abort_upload(s3_backend: Backend) -> None:
     """What ``gc`` does for a writer killed mid-upload: list its open upload and abort it."""
     s = s3_backend.storage

@@ -11,6 +11,8 @@ an optional capability, a ``runtime_checkable`` protocol checked with ``isinstan
 - :class:`BufferReads`: a byte range straight into memory: ``pread`` (``O_DIRECT`` when
   aligned) on local disks, one ranged GET copied in as it arrives on S3; a resume reads
   whole shard files straight into the staging slot, several pieces in flight.
+- :class:`FileProbes`: S3; a question about one file is one HEAD, where ``stat`` of a
+  missing key must also list its prefix.
 - :class:`RangedReads`: object stores; loads issue concurrent ranged GETs.
 - :class:`MultipartUploads`: S3; ``gc`` lists and aborts uploads killed writers left open.
 - :class:`RootCheck`: fail at construction when a bucket is missing.
@@ -29,6 +31,7 @@ from .base import (
     BufferReads,
     BufferWrites,
     DirectStreams,
+    FileProbes,
     MultipartUploads,
     RangedReads,
     RootCheck,
@@ -36,6 +39,7 @@ from .base import (
     Storage,
     exists,
     is_file,
+    probe_file,
     renames_atomically,
     retrying,
     write_fully,
@@ -53,6 +57,7 @@ __all__ = [
     "DirectStreams",
     "BufferReads",
     "RangedReads",
+    "FileProbes",
     "MultipartUploads",
     "RootCheck",
     "LocalStorage",
@@ -63,6 +68,7 @@ __all__ = [
     "write_stream",
     "exists",
     "is_file",
+    "probe_file",
     "renames_atomically",
     "wrap_os_error",
     "redact",

@@ -142,6 +142,17 @@ class BufferReads(Protocol):
 
 
 @runtime_checkable
+class FileProbes(Protocol):
+    """A backend where asking about a file costs less than asking about any path (S3: one
+    HEAD, where ``stat`` must also list the prefix when the HEAD finds nothing)."""
+
+    def probe_file(self, path: str) -> Stat | None:
+        """``stat(path)`` when ``path`` is a regular file; None when no file is there (a
+        directory, or a prefix with objects under it, reads as None)."""
+        ...
+
+
+@runtime_checkable
 class RangedReads(Protocol):
     """A backend where a byte range is one request; loads fetch many concurrently."""
 
@@ -182,9 +193,18 @@ def exists(storage: Storage, path: str) -> bool:
     return storage.stat(path) is not None
 
 
+def probe_file(storage: Storage, path: str) -> Stat | None:
+    """What is at ``path``, for a caller that only wants a regular file there: the cheapest
+    question that tells one from anything else (one HEAD on S3).  A Stat of another kind may
+    come back (a FIFO on a local disk); None means no file."""
+    if isinstance(storage, FileProbes):
+        return storage.probe_file(path)
+    return storage.stat(path)
+
+
 def is_file(storage: Storage, path: str) -> bool:
     """Whether ``path`` is a regular file (a symlink or a FIFO is not)."""
-    st = storage.stat(path)
+    st = probe_file(storage, path)
     return st is not None and st.kind == "file"
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import inspect
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
+from fsspec.asyn import sync
+
 from ..errors import StorageError
+from . import s3
 from .base import Stat, retrying
 from .redact import install_log_redaction, redact, secrets_of
 
@@ -159,15 +161,22 @@ class FsspecStorage:
         return self._call("open for writing", path, self.fs.open, path, "wb", block_size=self.block_size)
 
     def finish_write(self, f: BinaryIO, path: str, size: int | None = None) -> None:
-        """Close (completing the upload) and confirm the object's size."""
+        """Close (completing the upload) and confirm the object's size.
+
+        On S3 a file small enough for one PUT needs no HEAD: the PUT carried exactly the bytes
+        the file took (its length, and botocore's CRC32 of them, which S3 checks), so the size
+        to confirm is the file's own count.  A multipart upload's size is checked with a HEAD."""
+        took = f.tell() if self._s3 else None
         self._call("upload", path, f.close)
-        if size is not None:
+        if size is None:
+            return
+        if self._s3 and getattr(f, "mpu", False) is None:  # s3fs began no multipart upload
+            actual = took
+        else:
             self.fs.invalidate_cache(path)
             actual = self._call("stat", path, self.fs.size, path)
-            if actual != size:
-                raise StorageError(
-                    errno.EIO, f"upload incomplete: {actual} bytes stored, {size} written", path
-                )
+        if actual != size:
+            raise StorageError(errno.EIO, f"upload incomplete: {actual} bytes stored, {size} written", path)
 
     # -- BufferWrites
     def write_file(
@@ -195,86 +204,14 @@ class FsspecStorage:
                 self.abort_write(f)
                 raise
             return
-        from fsspec.asyn import sync
-
         bucket, key = _bucket_and_key(path)
-        self._call("upload", path, sync, self.fs.loop, self._multipart, bucket, key, data, pace)
+        part = max(self.part_size, -(-size // 9_000))  # S3 allows 10,000 parts
+        up = (self.fs._call_s3, bucket, key, data, part, self.upload_concurrency, pace)
+        self._call("upload", path, sync, self.fs.loop, s3.multipart_upload, *up)
         self.fs.invalidate_cache(path)
         actual = self._call("stat", path, self.fs.size, path)
         if actual != size:
             raise StorageError(errno.EIO, f"upload incomplete: {actual} bytes stored, {size} written", path)
-
-    async def _multipart(
-        self, bucket: str, key: str, data: memoryview, pace: Callable[[int], None] | None
-    ) -> None:
-        import asyncio
-
-        call = self.fs._call_s3
-        size = data.nbytes
-        part = max(self.part_size, -(-size // 9_000))  # S3 allows 10,000 parts
-        upload = await call("create_multipart_upload", Bucket=bucket, Key=key)
-        uid = upload["UploadId"]
-        loop = asyncio.get_running_loop()
-        n_parts = -(-size // part)
-        # ``upload_concurrency`` part buffers, each reused by the parts that follow it (a
-        # buffer is free again once its part's request has returned)
-        free: asyncio.Queue[bytearray] = asyncio.Queue()
-        for _ in range(min(self.upload_concurrency, n_parts)):
-            free.put_nowait(bytearray())
-        src = ctypes.addressof(ctypes.c_char.from_buffer(data)) if not data.readonly else None
-
-        def fill(buf: bytearray, lo: int, hi: int) -> bytearray:
-            if len(buf) != hi - lo:
-                buf = bytearray(hi - lo)  # first use, or the short last part
-            if src is not None:  # memmove releases the GIL; a memoryview copy would hold it
-                ctypes.memmove(ctypes.addressof(ctypes.c_char.from_buffer(buf)), src + lo, hi - lo)
-            else:
-                buf[:] = data[lo:hi]
-            return buf
-
-        async def one(n: int) -> dict[str, Any]:
-            lo, hi = n * part, min(size, (n + 1) * part)
-            buf = await free.get()
-            try:
-                # copied off the loop: the loop keeps the other parts' sockets moving meanwhile
-                copying = loop.run_in_executor(None, fill, buf, lo, hi)
-                copies.append(copying)
-                buf = await asyncio.shield(copying)  # cancelled, the part leaves the copy running
-                out = await call(
-                    "upload_part", Bucket=bucket, Key=key, UploadId=uid, PartNumber=n + 1, Body=buf
-                )
-            finally:
-                free.put_nowait(buf)
-            if pace is not None:
-                await loop.run_in_executor(None, pace, hi - lo)  # pace sleeps: not on the loop
-            return {"PartNumber": n + 1, "ETag": out["ETag"]}
-
-        copies: list[asyncio.Future[bytearray]] = []
-        tasks = [asyncio.ensure_future(one(n)) for n in range(n_parts)]
-        try:
-            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-            for t in pending:  # one part failed: stop the others
-                t.cancel()
-            for t in done:
-                if not t.cancelled() and t.exception() is not None:
-                    raise t.exception()  # type: ignore[misc]
-            parts = [t.result() for t in tasks]
-            await call(
-                "complete_multipart_upload",
-                Bucket=bucket,
-                Key=key,
-                UploadId=uid,
-                MultipartUpload={"Parts": parts},
-            )
-        except BaseException:
-            # a cancelled part's copy still runs on its thread: let it finish reading ``data``
-            # before the caller may reuse (or free) the memory behind it
-            await asyncio.gather(*copies, return_exceptions=True)
-            try:  # free the parts now; gc aborts what a killed writer leaves behind
-                await call("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=uid)
-            except Exception:
-                pass
-            raise
 
     def abort_write(self, f: BinaryIO) -> None:
         """Abandon an upload (aborts a multipart upload instead of completing it)."""
@@ -357,46 +294,9 @@ class FsspecStorage:
             data = self.read_range(path, offset, offset + n)
             out[: len(data)] = data
             return len(data)
-        from fsspec.asyn import sync
-
         bucket, key = _bucket_and_key(path)
-        get = self._get_into
-        return retrying(
-            self, lambda: self._call("read", path, sync, self.fs.loop, get, bucket, key, offset, out)
-        )
-
-    async def _get_into(self, bucket: str, key: str, offset: int, out: memoryview) -> int:
-        n = out.nbytes
-        try:
-            resp = await self.fs._call_s3(
-                "get_object", Bucket=bucket, Key=key, Range=f"bytes={offset}-{offset + n - 1}"
-            )
-        except OSError as e:  # a range starting at or past the end: S3 answers 416
-            response = getattr(e.__cause__, "response", None)  # botocore's ClientError
-            response = response if isinstance(response, dict) else {}
-            code = str((response.get("Error") or {}).get("Code", ""))
-            status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-            text = str(e).lower()
-            if code == "InvalidRange" or status == 416 or "invalidrange" in text or "not satisfiable" in text:
-                return 0
-            raise
-        body, got = resp["Body"], 0
-        dst = ctypes.addressof(ctypes.c_char.from_buffer(out))
-        try:
-            # each piece as the connection delivers it (at most 1 MiB); the body checks that
-            # the whole Content-Length came, and raises otherwise (retried)
-            while chunk := await body.read(1 << 20):
-                k = len(chunk)
-                if got + k > n:
-                    raise StorageError(errno.EIO, f"the store sent more than the {n} bytes asked for", key)
-                if type(chunk) is bytes:
-                    ctypes.memmove(dst + got, chunk, k)  # releases the GIL
-                else:
-                    out[got : got + k] = chunk
-                got += k
-        finally:
-            body.close()
-        return got
+        get = (self.fs._call_s3, bucket, key, offset, out)
+        return retrying(self, lambda: self._call("read", path, sync, self.fs.loop, s3.get_into, *get))
 
     def stat(self, path: str) -> Stat | None:
         def attempt() -> Stat | None:
@@ -412,10 +312,31 @@ class FsspecStorage:
 
         return retrying(self, attempt)
 
+    # -- FileProbes
+    def probe_file(self, path: str) -> Stat | None:
+        """On S3 one HEAD; ``stat`` would list the prefix too when the HEAD finds nothing."""
+        if not self._s3:
+            st = self.stat(path)
+            return st if st is not None and st.kind == "file" else None
+        bucket, key = _bucket_and_key(path)
+
+        def attempt() -> Stat | None:
+            try:
+                info = sync(self.fs.loop, self.fs._call_s3, "head_object", Bucket=bucket, Key=key)
+            except FileNotFoundError:
+                return None
+            except Exception as e:
+                raise self._wrap("stat", path, e) from e
+            return Stat("file", int(info.get("ContentLength") or 0), _mtime(info))
+
+        return retrying(self, attempt)
+
     def listdir(self, path: str) -> list[str]:
         def attempt() -> list[str]:
             self.fs.invalidate_cache(path)
             try:
+                if self._s3:  # one LIST; s3fs's ls lists the parent too when a prefix is empty
+                    return sync(self.fs.loop, s3.list_names, self.fs._call_s3, *_bucket_and_key(path))
                 entries = self.fs.ls(path, detail=False)
             except FileNotFoundError:
                 return []
@@ -427,7 +348,10 @@ class FsspecStorage:
 
     def remove(self, path: str) -> None:
         try:
-            self.fs.rm(path, recursive=True)
+            if self._s3:  # a LIST and a bulk DELETE; s3fs's rm would HEAD the key first
+                sync(self.fs.loop, s3.delete_tree, self.fs._call_s3, *_bucket_and_key(path))
+            else:
+                self.fs.rm(path, recursive=True)
         except FileNotFoundError:
             pass
         except Exception as e:
