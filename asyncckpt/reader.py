@@ -77,6 +77,16 @@ class _WholeRead:
         self._finish()
 
 
+def pieces(total: int, piece: int) -> list[tuple[int, int]]:
+    """``[0, total)`` as (start, end) spans of ``piece`` bytes, one request each; a tail shorter
+    than a quarter piece rides with the span before it rather than costing a request of its
+    own (a 256 MiB shard with its headers is 8 GETs of 32 MiB, not 8 and a ninth of 1 MB)."""
+    starts = list(range(0, total, piece))
+    if len(starts) > 1 and total - starts[-1] < piece // 4:
+        starts.pop()
+    return [(a, starts[i + 1] if i + 1 < len(starts) else total) for i, a in enumerate(starts)]
+
+
 def coalesce(reqs: list[tuple[Chunk, Any]], limit: int) -> list[list[tuple[Chunk, Any]]]:
     """Group one file's blobs (sorted by offset) so that each group is one ranged GET: a
     blob joins the previous group when it starts within 64 KiB of the group's end and the
@@ -286,16 +296,15 @@ class ManifestReader(StorageReader):
             return None
         path, opened = layout.join(self.directory, name), self._path(name)
         out = memoryview((ctypes.c_char * padded).from_address(base)).cast("B")
-        piece = self.COALESCE_BYTES if isinstance(self.storage, RangedReads) else self.PIECE  # a GET each
-        starts = range(0, padded, piece)
-        reads = [pool.submit(self.storage.read_into, opened, a, out[a : a + piece]) for a in starts]
+        spans = pieces(padded, self.COALESCE_BYTES if isinstance(self.storage, RangedReads) else self.PIECE)
+        reads = [pool.submit(self.storage.read_into, opened, a, out[a:b]) for a, b in spans]
 
         def finish() -> None:
             pending = sorted(reqs, key=lambda cr: cr[0].offset)
             got = 0
-            for a, fut in zip(starts, reads):
+            for (a, b), fut in zip(spans, reads):
                 got = a + fut.result()
-                if got < min(size, a + piece):
+                if got < min(size, b):
                     raise CorruptCheckpointError(
                         f"{path}: file ended after {got} of {size} bytes; the shard is truncated"
                     )

@@ -115,3 +115,36 @@ def test_a_load_that_wants_part_of_a_file_reads_blob_by_blob(tmp_path) -> None:
     assert torch.equal(live["w"], kept_w)  # excluded: untouched
     for k in ("big", "n", "empty"):
         assert torch.equal(live[k], state[k])
+
+
+def test_pieces_cover_the_file_and_a_short_tail_rides_with_the_piece_before_it() -> None:
+    from asyncckpt.reader import pieces
+
+    for total, piece in [(1, 16), (16, 16), (17, 16), (19, 16), (20, 16), (21, 16), (100, 16), (0, 16)]:
+        spans = pieces(total, piece)
+        assert [a for a, _ in spans] == sorted({a for a, _ in spans})
+        assert all(b > a for a, b in spans) and all(b1 == a2 for (_, b1), (a2, _) in zip(spans, spans[1:]))
+        if total:
+            assert spans[0][0] == 0 and spans[-1][1] == total
+        assert all(b - a < piece + piece // 4 for a, b in spans)  # never more than 1.25 pieces
+    assert pieces(17, 16) == [(0, 17)]  # a 1-byte tail is no request of its own
+    assert pieces(20, 16) == [(0, 16), (16, 20)]  # a quarter piece is
+    assert pieces(0, 16) == []
+
+
+def test_a_shard_just_over_a_piece_is_one_read(tmp_path, monkeypatch) -> None:
+    from asyncckpt.reader import ManifestReader
+
+    root = str(tmp_path / "ck")
+    state = _state(1)
+    with AsyncCheckpointer(root, state) as ck:
+        info = ck.save_async(1).result()
+    m = read_manifest(LocalStorage(), info.path)
+    (name,) = [n for n in m.files if n.endswith(".distcp")]
+    size = m.files[name]["size"]
+    monkeypatch.setattr(ManifestReader, "PIECE", size - (64 << 10))  # the file is a piece and 64 KiB
+    live, storage = _state(2), CountingReads()
+    with AsyncCheckpointer(root, live, storage=StorageOptions(backend=storage)) as ck:
+        assert ck.resume() == 1
+    assert [off for _, off, _ in storage.reads] == [0], storage.reads
+    assert_same(snapshot(live), snapshot(state))
