@@ -112,6 +112,7 @@ class ManifestReader(StorageReader):
     READ_CONCURRENCY = 8
     COALESCE_BYTES = 32 << 20  # neighbouring blobs share one read (one GET) up to this span
     PIECE = 16 << 20  # a whole-file read is this many bytes per request, READ_CONCURRENCY in flight
+    MAX_GET = 256 << 20  # an object store's whole-file pieces grow with the load up to this
     DECODE_THREADS = 4  # compressed records: chunks decoded in parallel (the codec releases the GIL)
 
     def __init__(
@@ -177,6 +178,7 @@ class ManifestReader(StorageReader):
                 name: [(d.data_ptr(), d.numel() * d.element_size()) for d in self._dests(reqs, planner)]
                 for name, reqs in by_file.items()
             }
+            piece = self._piece(sum(int(self.manifest.files[n]["size"]) for n in by_file))
             with ThreadPoolExecutor(self.READ_CONCURRENCY, "asyncckpt-read") as pool:
                 # every file's pieces are queued before the first is checked, so up to
                 # READ_CONCURRENCY requests are in flight across files (an object store's
@@ -186,7 +188,7 @@ class ManifestReader(StorageReader):
                     for name in list(by_file):
                         others = [sp for other, sps in spans.items() if other != name for sp in sps]
                         others += [r.extent for _, r in started]  # files read at the same time
-                        reading = self._whole_file(name, by_file[name], planner, pool, others)
+                        reading = self._whole_file(name, by_file[name], planner, pool, others, piece)
                         if reading is not None:
                             started.append((name, reading))
                     for name, reading in started:
@@ -244,6 +246,17 @@ class ManifestReader(StorageReader):
     def _dests(reqs: list[tuple[Chunk, Any]], planner: LoadPlanner) -> list[torch.Tensor]:
         return [planner.resolve_tensor(req).detach() for _, req in reqs]
 
+    def _piece(self, total: int) -> int:
+        """Bytes per request of the whole-file reads of a load of ``total`` bytes.  A local
+        disk reads ``PIECE`` at a time.  On an object store a GET costs a round trip and a
+        request fee whatever its size, so pieces start at ``COALESCE_BYTES`` and grow with the
+        load (up to ``MAX_GET``) to about two rounds of ``READ_CONCURRENCY`` GETs: as many in
+        flight, fewer requests."""
+        if not isinstance(self.storage, RangedReads):
+            return self.PIECE
+        want = total // (2 * self.READ_CONCURRENCY) >> 20 << 20  # whole MiB
+        return max(self.COALESCE_BYTES, min(self.MAX_GET, want))
+
     def _whole_file(
         self,
         name: str,
@@ -251,6 +264,7 @@ class ManifestReader(StorageReader):
         planner: LoadPlanner,
         pool: ThreadPoolExecutor,
         others: list[tuple[int, int]],
+        piece: int,
     ) -> _WholeRead | None:
         """Start reading file ``name`` in one pass into the region when its blobs' targets sit
         there at their file offsets: its pieces are queued on ``pool`` and the returned call
@@ -296,7 +310,7 @@ class ManifestReader(StorageReader):
             return None
         path, opened = layout.join(self.directory, name), self._path(name)
         out = memoryview((ctypes.c_char * padded).from_address(base)).cast("B")
-        spans = pieces(padded, self.COALESCE_BYTES if isinstance(self.storage, RangedReads) else self.PIECE)
+        spans = pieces(padded, piece)
         reads = [pool.submit(self.storage.read_into, opened, a, out[a:b]) for a, b in spans]
 
         def finish() -> None:

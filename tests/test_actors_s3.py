@@ -513,3 +513,31 @@ def test_a_save_and_its_retention_send_only_the_requests_they_need(proxied) -> N
     restored = {"w": torch.zeros(SMALL)}
     assert resume(root, restored, storage_options=opts) == 4
     assert_same(restored, {"w": _values(4)})
+
+
+@pytest.mark.parametrize("max_get_mib", [None, 2])
+def test_whole_file_gets_grow_with_the_load(proxied, monkeypatch, max_get_mib) -> None:
+    """A GET costs a round trip and a request fee whatever its size: the checkpointer's resume
+    reads a shard in pieces that grow with the load (about two rounds of the GETs in flight,
+    up to ``MAX_GET``), not in pieces of a fixed 32 MiB.  Scaled down here: 1 MiB pieces at
+    least, 2 GETs in flight, a 13 MiB shard."""
+    from asyncckpt.reader import ManifestReader, pieces
+
+    root, opts, _, px = proxied
+    state = {"w": _values(1, BIG)}
+    with AsyncCheckpointer(root, state, storage_options=opts) as ck:
+        info = ck.save_async(1).result()
+    size = read_manifest(FsspecStorage(root, opts), info.path).files["__0_0.distcp"]["size"]
+    monkeypatch.setattr(ManifestReader, "COALESCE_BYTES", 1 << 20)
+    monkeypatch.setattr(ManifestReader, "READ_CONCURRENCY", 2)
+    if max_get_mib is not None:
+        monkeypatch.setattr(ManifestReader, "MAX_GET", max_get_mib << 20)
+    live = {"w": torch.zeros(BIG)}
+    with AsyncCheckpointer(root, live, storage_options=opts) as ck:
+        first = len(px.log)
+        assert ck.resume() == 1
+        gets = [p for m, p, _ in px.log[first:] if m == "GET" and p.endswith("__0_0.distcp")]
+    piece = min(size // 4 >> 20 << 20, (max_get_mib or 1 << 10) << 20)  # a quarter: 2 rounds of 2
+    padded = -(-size // 4096) * 4096
+    assert len(gets) == len(pieces(padded, piece)) < len(pieces(padded, 1 << 20))
+    assert_same(live, {"w": _values(1, BIG)})
