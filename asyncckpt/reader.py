@@ -254,8 +254,13 @@ class ManifestReader(StorageReader):
         flight, fewer requests."""
         if not isinstance(self.storage, RangedReads):
             return self.PIECE
-        want = total // (2 * self.READ_CONCURRENCY) >> 20 << 20  # whole MiB
-        return max(self.COALESCE_BYTES, min(self.MAX_GET, want))
+        return self.get_size(total)
+
+    @classmethod
+    def get_size(cls, total: int) -> int:
+        """An object store's whole-file piece for a load of ``total`` bytes (see ``_piece``)."""
+        want = total // (2 * cls.READ_CONCURRENCY) >> 20 << 20  # whole MiB
+        return max(cls.COALESCE_BYTES, min(cls.MAX_GET, want))
 
     def _whole_file(
         self,
