@@ -148,3 +148,53 @@ def test_a_shard_just_over_a_piece_is_one_read(tmp_path, monkeypatch) -> None:
         assert ck.resume() == 1
     assert [off for _, off, _ in storage.reads] == [0], storage.reads
     assert_same(snapshot(live), snapshot(state))
+
+
+def test_a_standalone_resume_reads_each_shard_file_whole(tmp_path, monkeypatch) -> None:
+    """Without a checkpointer's staging slot, ``resume`` lays its shadow buffers out as the
+    shard files in one slab and reads each file whole into it: a handful of reads, not one
+    per tensor; the live state changes only once every byte is verified."""
+    root = str(tmp_path / "ck")
+    state = _state(1)
+    with AsyncCheckpointer(root, state, writer=WriterOptions(threads=2)) as ck:
+        ck.save_async(1).result()
+    reads: list[tuple[str, int]] = []
+    real = LocalStorage.read_into
+
+    def counting(self, path: str, offset: int, out: memoryview) -> int:
+        reads.append((path, offset))
+        return real(self, path, offset, out)
+
+    monkeypatch.setattr(LocalStorage, "read_into", counting)
+    live = _state(2)
+    assert resume(root, live) == 1
+    assert_same(snapshot(live), snapshot(state))
+    assert len({p for p, _ in reads}) == 2  # both shard files, each read whole
+    assert len(reads) <= 4  # 20 MiB in 16 MiB pieces: two for the bigger file, one for the other
+
+
+def test_a_partial_load_keeps_a_shadow_per_tensor_it_wants(tmp_path, monkeypatch) -> None:
+    """A load of part of a checkpoint (``exclude``, ``strict=False``: say the weights of one
+    larger than memory) never allocates the slab for all of it."""
+    import importlib
+
+    resume_mod = importlib.import_module("asyncckpt.resume")  # the package's `resume` is the function
+
+    root = str(tmp_path / "ck")
+    state = _state(1)
+    with AsyncCheckpointer(root, state) as ck:
+        ck.save_async(1).result()
+
+    def no_slab(manifest):  # type: ignore[no-untyped-def]
+        raise AssertionError("a partial load allocated the slab")
+
+    monkeypatch.setattr(resume_mod, "_slab", no_slab)
+    live = _state(2)
+    before_w = live["w"].clone()
+    assert resume(root, live, exclude=["w"]) == 1
+    assert torch.equal(live["big"], state["big"]) and torch.equal(live["w"], before_w)
+    part = {"big": torch.zeros_like(state["big"])}
+    assert resume(root, part, strict=False) == 1
+    assert torch.equal(part["big"], state["big"])
+    with pytest.raises(AssertionError, match="slab"):
+        resume(root, _state(3))  # a whole load does use it

@@ -286,15 +286,17 @@ def test_loads_coalesce_neighbouring_blobs_into_few_ranged_gets(s3, monkeypatch)
         return real(self, path, start, end)
 
     monkeypatch.setattr(FsspecStorage, "read_range", counting)
-    like = {k: torch.zeros_like(v) for k, v in state.items()}
-    assert resume(root, like, storage_options=opts) == 1
-    assert all(torch.equal(like[k], state[k]) for k in state)
+    # a load of part of the file (the whole file is read in one piece into a slab otherwise)
+    part = [k for k in state if k != "t59"]
+    like = {k: torch.zeros_like(state[k]) for k in part}
+    assert resume(root, like, storage_options=opts, strict=False) == 1
+    assert all(torch.equal(like[k], state[k]) for k in part)
     assert len(calls) == 1, calls  # ~240 KiB in one file: one GET
     calls.clear()
     monkeypatch.setattr(ManifestReader, "COALESCE_BYTES", 50_000)  # ~12 tensors per GET
-    like = {k: torch.zeros_like(v) for k, v in state.items()}
-    assert resume(root, like, storage_options=opts) == 1
-    assert all(torch.equal(like[k], state[k]) for k in state)
+    like = {k: torch.zeros_like(state[k]) for k in part}
+    assert resume(root, like, storage_options=opts, strict=False) == 1
+    assert all(torch.equal(like[k], state[k]) for k in part)
     assert 4 <= len(calls) <= 8 and all(end - start <= 50_000 for _, start, end in calls), calls
 
     def c(offset: int, length: int) -> Chunk:
