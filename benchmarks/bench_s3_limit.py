@@ -15,7 +15,8 @@ asyncckpt in them, shaped exactly like asyncckpt's:
 - **raw GET of whole-file pieces**: the ranged GETs of ``ck.resume``, which reads each shard
   file whole into its staging slot in pieces sized for the load
   (``ManifestReader.get_size``: 32 MiB up to 256 MiB, about two rounds of GETs in flight);
-  ``ck.resume`` is compared with this one, the standalone ``resume`` with the one above.
+  both loads read whole files so (the standalone ``resume`` into a slab laid out as the
+  files) and are compared with this one; the one above is the shape of a partial load.
 
 Both go through s3fs's async client (``S3FileSystem._call_s3``, aiobotocore) on its own event
 loop, the same client asyncckpt uses.  asyncckpt is timed end to end: upload is
@@ -280,20 +281,22 @@ def summarize(
             m[what] = {"reps": xs, "median_s": s, "MBps": n / s / MB, "requests": xs[-1]["requests"]}
         m["upload"]["median_write_s"] = statistics.median(x["write_s"] for x in r["upload"])
         m["upload_x_raw"] = m["raw_put"]["median_s"] / m["upload"]["median_s"]
-        m["load_x_raw"] = m["raw_get"]["median_s"] / m["load"]["median_s"]
+        # both loads read whole files in pieces sized for the load: against raw GETs of the same
+        m["load_x_raw"] = m["raw_get_whole"]["median_s"] / m["load"]["median_s"]
         # each repetition's pair ran back to back: their ratio cancels the machine's drift
         m["upload_x_raw_paired"] = statistics.median(
             p["s"] / a["s"] for p, a in zip(r["raw_put"], r["upload"])
         )
-        m["load_x_raw_paired"] = statistics.median(p["s"] / a["s"] for p, a in zip(r["raw_get"], r["load"]))
-        # ck.resume reads whole files in pieces sized for the load: against raw GETs of the same
+        m["load_x_raw_paired"] = statistics.median(
+            p["s"] / a["s"] for p, a in zip(r["raw_get_whole"], r["load"])
+        )
         m["load_ck_x_raw"] = m["raw_get_whole"]["median_s"] / m["load_ck"]["median_s"]
         m["load_ck_x_raw_paired"] = statistics.median(
             p["s"] / a["s"] for p, a in zip(r["raw_get_whole"], r["load_ck"])
         )
         out["configs"][cfg] = m
         out["targets"][f"{cfg} upload >= {GOAL}x raw PUT"] = m["upload_x_raw"] >= GOAL
-        out["targets"][f"{cfg} load >= {GOAL}x raw GET"] = m["load_x_raw"] >= GOAL
+        out["targets"][f"{cfg} load >= {GOAL}x raw GET of its pieces"] = m["load_x_raw"] >= GOAL
         out["targets"][f"{cfg} ck.resume >= {GOAL}x raw GET of its pieces"] = m["load_ck_x_raw"] >= GOAL
     return out
 
@@ -316,8 +319,8 @@ def format_table(r: dict[str, Any]) -> str:
             ("raw_put", f"raw PUT ({len(m['files'])} objects)", None),
             ("upload", "asyncckpt save..result", (m["upload_x_raw"], m["upload_x_raw_paired"])),
             ("raw_get", f"raw GET ({len(m['gets'])} ranges)", None),
-            ("load", "asyncckpt resume", (m["load_x_raw"], m["load_x_raw_paired"])),
             ("raw_get_whole", f"raw GET ({len(whole_file_gets(m['files']))} whole-file pieces)", None),
+            ("load", "asyncckpt resume", (m["load_x_raw"], m["load_x_raw_paired"])),
             ("load_ck", "asyncckpt ck.resume", (m["load_ck_x_raw"], m["load_ck_x_raw_paired"])),
         ):
             x = m[what]
