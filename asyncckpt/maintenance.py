@@ -38,7 +38,7 @@ from .manifest import Manifest
 from .ownership import is_alive, owner_of, owners, record_path
 from .policy import CheckpointRecord, RetentionPolicy, plan_deletions
 from .pruner import abort_uploads, decommit_and_remove, step_references, sweep_chunks
-from .storage import AtomicRename, Storage, is_file, storage_for
+from .storage import AtomicRename, Storage, is_file, probe_file, storage_for
 
 __all__ = [
     "Target",
@@ -265,7 +265,9 @@ def verify_root(
         try:
             m = read_manifest(storage, i.path)
         except (CorruptCheckpointError, OSError) as e:
-            gone = storage.stat(i.path) is None
+            # listed with its manifest a moment ago: a manifest gone now was deleted (retention
+            # removes it first, then the files), not damage
+            gone = probe_file(storage, layout.join(i.path, layout.MANIFEST)) is None
             yield VerifyResult(target, [] if gone else [" ".join(str(e).split())], vanished=gone)
             continue
         bar = progress(m, target) if progress is not None else None
