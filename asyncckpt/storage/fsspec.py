@@ -170,13 +170,16 @@ class FsspecStorage:
         self._call("upload", path, f.close)
         if size is None:
             return
-        if self._s3 and getattr(f, "mpu", False) is None:  # s3fs began no multipart upload
-            actual = took
-        else:
+        one_put = self._s3 and getattr(f, "mpu", False) is None  # s3fs began no multipart upload
+        self._confirm_size(path, size, took if one_put else None)
+
+    def _confirm_size(self, path: str, size: int, stored: int | None = None) -> None:
+        """Raise unless the object holds ``size`` bytes (``stored``, or asked with a HEAD)."""
+        if stored is None:
             self.fs.invalidate_cache(path)
-            actual = self._call("stat", path, self.fs.size, path)
-        if actual != size:
-            raise StorageError(errno.EIO, f"upload incomplete: {actual} bytes stored, {size} written", path)
+            stored = self._call("stat", path, self.fs.size, path)
+        if stored != size:
+            raise StorageError(errno.EIO, f"upload incomplete: {stored} bytes stored, {size} written", path)
 
     # -- BufferWrites
     def write_file(
@@ -208,10 +211,7 @@ class FsspecStorage:
         part = max(self.part_size, -(-size // 9_000))  # S3 allows 10,000 parts
         up = (self.fs._call_s3, bucket, key, data, part, self.upload_concurrency, pace)
         self._call("upload", path, sync, self.fs.loop, s3.multipart_upload, *up)
-        self.fs.invalidate_cache(path)
-        actual = self._call("stat", path, self.fs.size, path)
-        if actual != size:
-            raise StorageError(errno.EIO, f"upload incomplete: {actual} bytes stored, {size} written", path)
+        self._confirm_size(path, size)
 
     def abort_write(self, f: BinaryIO) -> None:
         """Abandon an upload (aborts a multipart upload instead of completing it)."""
