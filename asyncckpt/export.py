@@ -29,7 +29,7 @@ from .blob import read_chunk_into
 from .chunkstore import PartSource, store_of
 from .errors import ConfigError, CorruptCheckpointError
 from .manifest import Manifest, TensorEntry
-from .reader import file_problems
+from .step_files import file_problems
 from .storage import Storage
 
 __all__ = [

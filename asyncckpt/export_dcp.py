@@ -24,7 +24,7 @@ from . import layout
 from .blob import blob_template, dcp_metadata
 from .errors import ConfigError, CorruptCheckpointError
 from .manifest import Chunk, Manifest, TensorEntry
-from .reader import file_problems, shard_files
+from .step_files import file_problems, shard_files
 from .storage import Storage
 
 __all__ = ["DcpExport", "export_dcp", "planner_paths"]

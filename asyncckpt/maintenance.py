@@ -235,7 +235,7 @@ def verify(
     storage: Storage, target: Target, m: Manifest, progress: Callable[[int], None] | None = None
 ) -> list[str]:
     """Every file of one step: sizes, checksums, and that the blobs tile each shard."""
-    from .reader import verify_files  # imports torch: only verify needs it, not ls or gc
+    from .step_files import verify_files  # imports torch: only verify needs it, not ls or gc
 
     return verify_files(storage, target.path, m, progress=progress)
 
@@ -254,7 +254,7 @@ def verify_root(
 ) -> Iterator[VerifyResult]:
     """Verify every committed step of a live root.  A step that retention deletes meanwhile is
     reported as vanished, and the rest are still verified."""
-    from .reader import verify_files  # imports torch: only verify needs it, not ls or gc
+    from .step_files import verify_files  # imports torch: only verify needs it, not ls or gc
 
     storage, root = open_root(arg, storage_options)
     infos = list_in(storage, root)

@@ -24,7 +24,8 @@ from .file_layout import PAGE, round_up
 from .layout import Kind
 from .manifest import Manifest
 from .progress import Progress
-from .reader import ManifestReader, file_problems, shard_files
+from .reader import ManifestReader
+from .step_files import file_problems, shard_files
 from .storage import LocalStorage, Storage, storage_for, wrap_os_error
 
 __all__ = ["resume", "resume_in", "load_checkpoint"]

@@ -54,7 +54,8 @@ from fsspec.asyn import sync
 
 from asyncckpt import AsyncCheckpointer, StorageOptions, WriterOptions, layout, resume
 from asyncckpt.manifest import Manifest
-from asyncckpt.reader import ManifestReader, coalesce, pieces, shard_files
+from asyncckpt.reader import ManifestReader, coalesce, pieces
+from asyncckpt.step_files import shard_files
 from asyncckpt.storage.fsspec import FsspecStorage
 from benchmarks.bench_s3 import REQUESTS, moto_s3, rm
 from benchmarks.bench_stall import machine_info, make_state, nbytes

@@ -570,14 +570,14 @@ def test_verify_all_reports_a_step_pruned_while_its_files_are_read_as_gone(
 ) -> None:
     """The race of the test above, made deterministic: retention decommits step 1 (as
     ``Pruner.delete`` does) right after verify's size check of it."""
-    from asyncckpt import reader
+    from asyncckpt import step_files
     from asyncckpt.pruner import decommit
 
     ck = AsyncCheckpointer(root, {"w": torch.ones(1024)})
     for s in (1, 2):
         ck.save_async(s).result(timeout=30)
     ck.close()
-    real = reader.file_problems
+    real = step_files.file_problems
     step1 = os.path.join(os.path.abspath(root), "step_000000001")
 
     def size_check_then_pruned(storage: Any, directory: str, manifest: Any, names: Any = None) -> list[str]:
@@ -586,7 +586,7 @@ def test_verify_all_reports_a_step_pruned_while_its_files_are_read_as_gone(
             decommit(storage, step1, 1)
         return out
 
-    monkeypatch.setattr(reader, "file_problems", size_check_then_pruned)
+    monkeypatch.setattr(step_files, "file_problems", size_check_then_pruned)
     rc = ckpt_cli.main(["verify", root, "--all"])
     out, err = capsys.readouterr()
     assert rc == 0, out + err

@@ -21,7 +21,7 @@ from asyncckpt.cli import main
 from asyncckpt.maintenance import gc
 from asyncckpt.policy import KeepLast
 from asyncckpt.pruner import decommit_and_remove
-from asyncckpt.reader import verify_files
+from asyncckpt.step_files import verify_files
 from asyncckpt.storage import LocalStorage
 
 from .helpers import assert_same, rewrite_manifest, snapshot

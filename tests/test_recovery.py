@@ -167,7 +167,7 @@ def test_malicious_metadata_is_never_unpickled(root: str, tmp_path) -> None:
     assert not os.path.exists(canary)
     # a full verification does notice the tampered (unused) file
     from asyncckpt.catalog import read_manifest
-    from asyncckpt.reader import verify_files
+    from asyncckpt.step_files import verify_files
     from asyncckpt.storage import LocalStorage
 
     step_dir = os.path.join(root, "step_000000002")
@@ -178,7 +178,7 @@ def test_malicious_metadata_is_never_unpickled(root: str, tmp_path) -> None:
 
 def test_verify_passes_clean_and_catches_a_flipped_byte(root: str) -> None:
     from asyncckpt.catalog import read_manifest
-    from asyncckpt.reader import verify_files
+    from asyncckpt.step_files import verify_files
     from asyncckpt.storage import LocalStorage
 
     _two_checkpoints(root)

@@ -9,7 +9,7 @@ import torch
 
 from asyncckpt import AsyncCheckpointer, StorageOptions, WriterOptions, list_checkpoints, resume
 from asyncckpt.catalog import read_manifest
-from asyncckpt.reader import verify_files
+from asyncckpt.step_files import verify_files
 from asyncckpt.storage import LocalStorage
 
 from .helpers import assert_same, snapshot

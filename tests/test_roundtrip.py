@@ -155,7 +155,7 @@ def test_large_tensor_crc_computed_beside_the_write_is_right(tmp_path) -> None:
 
     from asyncckpt.catalog import read_manifest
     from asyncckpt.checksum import DEFAULT, checksum
-    from asyncckpt.reader import verify_files
+    from asyncckpt.step_files import verify_files
     from asyncckpt.storage import LocalStorage
 
     root = str(tmp_path / "ck")

@@ -18,7 +18,7 @@ from ..catalog import normalize_root, read_manifest, step_dirs
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ..export import read_tensor
 from ..layout import Kind
-from ..reader import file_problems, shard_files
+from ..step_files import file_problems, shard_files
 from ..storage import Storage, storage_for
 
 __all__ = ["locate", "read_tree", "read_plain"]

@@ -20,8 +20,8 @@ from asyncckpt import layout, list_checkpoints, resume
 from asyncckpt.catalog import list_leftovers, read_manifest
 from asyncckpt.chunkstore import parse_object, referenced, store_of
 from asyncckpt.maintenance import gc
-from asyncckpt.reader import verify_files
 from asyncckpt.resume import load_checkpoint
+from asyncckpt.step_files import verify_files
 from asyncckpt.storage import Storage, storage_for
 
 from ._procs import Child

@@ -34,7 +34,7 @@ import pytest
 from asyncckpt import AsyncCheckpointer, CorruptCheckpointError, resume
 from asyncckpt.catalog import read_manifest
 from asyncckpt.cli import main as cli_main
-from asyncckpt.reader import verify_files
+from asyncckpt.step_files import verify_files
 from asyncckpt.storage import LocalStorage
 
 from ._support import (

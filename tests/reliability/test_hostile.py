@@ -32,7 +32,7 @@ from asyncckpt.checksum import DEFAULT, checksum
 from asyncckpt.cli import build_parser
 from asyncckpt.cli import main as cli_main
 from asyncckpt.manifest import MAX_MANIFEST_BYTES, MAX_TREE_DEPTH
-from asyncckpt.reader import verify_files
+from asyncckpt.step_files import verify_files
 from asyncckpt.storage import LocalStorage
 
 from ..helpers import rewrite_manifest

@@ -22,7 +22,7 @@ import pytest
 
 from asyncckpt import AsyncCheckpointer, SaveHandle, WriterDiedError, list_checkpoints, resume
 from asyncckpt.catalog import list_leftovers, read_manifest
-from asyncckpt.reader import verify_files
+from asyncckpt.step_files import verify_files
 from asyncckpt.storage import LocalStorage
 
 from ._support import Resources, fill, knob, make_state, pid_alive, report, seed, slow_enabled, state_mismatch
