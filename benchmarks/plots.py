@@ -233,6 +233,37 @@ def memory_bars(res: dict[str, Any], path: str, title: str) -> str | None:
     return _save(fig, path, title)
 
 
+def save_cost_bars(res: dict[str, Any], path: str, title: str) -> str | None:
+    """A ``bench_save_cost`` result: time to durable against the raw ``O_DIRECT`` write, CPU
+    per GiB against the memcpy floor, and the page cache each method leaves behind."""
+    summary = res.get("summary") or {}
+    rows = [(n, r) for n, r in summary.items() if n != "memcpy floor"]
+    if not rows:
+        return None
+    panels = (
+        ("speed_x_raw_direct", "time to durable, as speed × raw O_DIRECT write (higher is better)", 0.9),
+        ("cpu_x_memcpy", "CPU (trainer + writer) per GiB × memcpy floor (lower is better)", 2.0),
+        ("cached_mib", "page cache left behind, MiB", None),
+    )
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), sharey=True)
+    names = [n for n, _ in rows]
+    colors = ["#dd5500" if n.startswith(OURS) else ("black" if n.startswith("raw") else "#8c8c8c") for n in names]
+    for ax, (key, label, goal) in zip(axes, panels):
+        vals = [float(r.get(key) or 0.0) for _, r in rows]
+        ax.barh(names, vals, color=colors)
+        for y, v in enumerate(vals):
+            ax.text(v, y, f" {v:.2f}" if key != "cached_mib" else f" {v:.0f}", va="center", fontsize=7)
+        if goal is not None:
+            ax.axvline(goal, color="#c44e52", linestyle="--", label=f"goal {goal:g}×")
+            ax.legend(fontsize=8, loc="lower right")
+        ax.set_title(label, fontsize=9)
+        ax.grid(True, axis="x", alpha=0.3)
+        ax.tick_params(axis="y", labelsize=8)
+    axes[0].invert_yaxis()
+    return _save(fig, path, f"Whole cost of a {res.get('mib')} MiB save, median of {res.get('reps')}: {title}")
+
+
 def render(res: dict[str, Any], outdir: str, prefix: str = "bench_") -> list[str]:
     os.makedirs(outdir, exist_ok=True)
     m = res.get("machine", {})
@@ -241,6 +272,11 @@ def render(res: dict[str, Any], outdir: str, prefix: str = "bench_") -> list[str
         f"{res.get('started', '')}{' (quick smoke run)' if res.get('quick') else ''}"
     )
     out = []
+    if "summary" in res:  # a bench_save_cost result
+        load = (res.get("load_avg") or [0.0])[0]
+        sub = f"{res.get('tensors')} tensors, load average {load:.1f} at the start"
+        p = save_cost_bars(res, os.path.join(outdir, f"{prefix}save_cost.png"), sub)
+        return [p] if p else []
     for name, fn in (
         ("stall", stall_vs_size),
         ("overhead", overhead_vs_interval),
