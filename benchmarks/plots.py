@@ -248,7 +248,9 @@ def save_cost_bars(res: dict[str, Any], path: str, title: str) -> str | None:
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), sharey=True)
     names = [n for n, _ in rows]
-    colors = ["#dd5500" if n.startswith(OURS) else ("black" if n.startswith("raw") else "#8c8c8c") for n in names]
+    colors = [
+        "#dd5500" if n.startswith(OURS) else ("black" if n.startswith("raw") else "#8c8c8c") for n in names
+    ]
     for ax, (key, label, goal) in zip(axes, panels):
         vals = [float(r.get(key) or 0.0) for _, r in rows]
         ax.barh(names, vals, color=colors)
@@ -261,7 +263,9 @@ def save_cost_bars(res: dict[str, Any], path: str, title: str) -> str | None:
         ax.grid(True, axis="x", alpha=0.3)
         ax.tick_params(axis="y", labelsize=8)
     axes[0].invert_yaxis()
-    return _save(fig, path, f"Whole cost of a {res.get('mib')} MiB save, median of {res.get('reps')}: {title}")
+    return _save(
+        fig, path, f"Whole cost of a {res.get('mib')} MiB save, median of {res.get('reps')}: {title}"
+    )
 
 
 def render(res: dict[str, Any], outdir: str, prefix: str = "bench_") -> list[str]:
