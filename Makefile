@@ -23,6 +23,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check asyncckpt tests benchmarks
+	$(VENV)/bin/ruff format --check asyncckpt tests benchmarks
 	$(VENV)/bin/mypy asyncckpt
 
 # the full suite against every alternative: JSON in benchmarks/results, plots in docs/img

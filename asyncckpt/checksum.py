@@ -42,8 +42,7 @@ def checksum(algo: str, data: Any, value: int = 0) -> int:
             from .errors import ConfigError
 
             raise ConfigError(
-                "this checkpoint's checksums are CRC-32C, which needs the crc32c package: "
-                "pip install crc32c"
+                "this checkpoint's checksums are CRC-32C, which needs the crc32c package: pip install crc32c"
             ) from None
         raise ValueError(f"unknown checksum algorithm {algo!r}") from None
     return fn(data, value)

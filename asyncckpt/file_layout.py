@@ -154,6 +154,4 @@ def lay_out(
         image = FileImage(index, start, pos, tuple(blobs))
         files.append(image)
         start += image.padded
-    return FileLayout(
-        tuple(entries[fqn] for fqn in meta), tuple(files), start, templates
-    )
+    return FileLayout(tuple(entries[fqn] for fqn in meta), tuple(files), start, templates)

@@ -146,7 +146,9 @@ def writer_main(conn_in: Connection, conn_out: Connection, parent_pid: int) -> N
     opts = config.writer
     try:
         storage = storage_for(config.root, config.storage_options, direct_io=opts.direct_io)
-        compressor = Compressor.for_options(opts.compression, opts.compression_level, opts.compression_threads)
+        compressor = Compressor.for_options(
+            opts.compression, opts.compression_level, opts.compression_threads
+        )
         parts = PartWriter(opts.part_threads, compressor) if opts.incremental else None
     except BaseException as e:
         conn_out.send(StartFailed(_picklable(e)))

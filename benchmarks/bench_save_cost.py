@@ -274,6 +274,7 @@ def format_table(r: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, s in r["summary"].items():
+
         def f(v: Any, fmt: str) -> str:
             return "–" if v is None else format(v, fmt)
 
@@ -290,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mib", type=int, default=256)
     p.add_argument("--tensors", type=int, default=16)
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--dir", default=None, help="parent directory on the disk to measure (default: a temp dir)")
+    p.add_argument(
+        "--dir", default=None, help="parent directory on the disk to measure (default: a temp dir)"
+    )
     p.add_argument("--executors", default="thread,process")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)

@@ -63,7 +63,9 @@ class Slot:
         )
 
     def commit(self, storage, **kw) -> SaveOutcome:
-        return write_and_commit(storage, self.req, self.plan.entries, self.plan.files, self.pool.buffer(0), None, **kw)
+        return write_and_commit(
+            storage, self.req, self.plan.entries, self.plan.files, self.pool.buffer(0), None, **kw
+        )
 
 
 def _tmp_entries(root: str) -> list[str]:
