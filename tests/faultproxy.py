@@ -5,6 +5,8 @@ Modes, switchable while a test runs (:meth:`FaultProxy.set`):
 - ``"pass"``: forward the request upstream and stream the answer back;
 - ``"throttle"``: answer ``503 SlowDown`` with S3's XML error body (the request body is read
   and dropped first, so the connection stays usable);
+- ``"error"``: answer ``500 InternalError`` the same way (a HEAD gets the status alone, as S3
+  sends it, so the client sees no error code or message);
 - ``"drop"``: read the request, then close the connection without answering;
 - ``"outage"``: close the connection at once, without reading the request body (for all
   requests, new connections are closed before anything is read);
@@ -33,12 +35,18 @@ from urllib.parse import urlsplit
 
 __all__ = ["FaultProxy", "matching", "SLOWDOWN_XML"]
 
-MODES = ("pass", "throttle", "drop", "outage", "cut")
+MODES = ("pass", "throttle", "error", "drop", "outage", "cut")
 SLOWDOWN_XML = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n'
     b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message>"
     b"<RequestId>faultproxy</RequestId></Error>"
 )
+INTERNAL_XML = (
+    b'<?xml version="1.0" encoding="UTF-8"?>\n'
+    b"<Error><Code>InternalError</Code><Message>We encountered an internal error.</Message>"
+    b"<RequestId>faultproxy</RequestId></Error>"
+)
+_ANSWERS = {"throttle": (503, "Slow Down", SLOWDOWN_XML), "error": (500, "Internal Server Error", INTERNAL_XML)}
 _HOP = {
     "connection",
     "keep-alive",
@@ -145,15 +153,16 @@ class _Handler(BaseHTTPRequestHandler):
                 self._drain()
                 self.close_connection = True
                 return
-            if action == "throttle":
+            if action in _ANSWERS:
+                status, reason, body = _ANSWERS[action]
                 self._drain()
-                self.send_response(503, "Slow Down")
+                self.send_response(status, reason)
                 self.send_header("Content-Type", "application/xml")
-                self.send_header("Content-Length", str(len(SLOWDOWN_XML)))
+                self.send_header("Content-Length", str(len(body)))
                 self.send_header("Retry-After", "1")
                 self.end_headers()
                 if self.command != "HEAD":
-                    self.wfile.write(SLOWDOWN_XML)
+                    self.wfile.write(body)
                 return
             self._forward(cut=action == "cut")
         except (OSError, http.client.HTTPException, ValueError):

@@ -677,7 +677,6 @@ def test_s3_multipart_write_round_trips(s3_backend: Backend) -> None:
 
 
 @pytest.mark.s3
-@pytest.mark.s3
 def test_s3_listdir_and_remove_past_one_page(s3_backend: Backend) -> None:
     """S3 lists at most 1,000 keys per page and deletes at most 1,000 per request: a prefix
     with more is listed and removed whole, and nothing next to it is touched."""
@@ -703,6 +702,7 @@ def test_s3_remove_refuses_a_whole_bucket(s3_backend: Backend) -> None:
     assert is_file(s, keep)
 
 
+@pytest.mark.s3
 def test_s3_abort_upload(s3_backend: Backend) -> None:
     """What ``gc`` does for a writer killed mid-upload: list its open upload and abort it."""
     s = s3_backend.storage

@@ -25,7 +25,11 @@ _TRANSIENT_WORDS = (
     "could not connect", "connection was closed", "endpointconnectionerror", "connectionclosederror",
     "clientconnectorerror", "clientoserror", "connection refused", "reduce your request rate",
     "clientpayloaderror", "incompleteread", "response payload is not completed",
+    "internal server error",
 )  # fmt: skip
+# The errnos s3fs gives HTTP answers worth retrying: 503 SlowDown and 409 (EBUSY), 500 with or
+# without an error body (EREMOTEIO: a HEAD's 500 has no body, so no words to match).
+_TRANSIENT_ERRNOS = (errno.EBUSY, errno.EAGAIN, getattr(errno, "EREMOTEIO", errno.EBUSY))
 
 
 def _bucket_and_key(url: str) -> tuple[str, str]:
@@ -132,7 +136,7 @@ class FsspecStorage:
             return False
         if isinstance(exc, (TimeoutError, ConnectionError)):
             return True
-        if isinstance(exc, OSError) and exc.errno in (errno.EBUSY, errno.EAGAIN):  # s3fs: SlowDown
+        if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
             return True
         text = f"{type(exc).__name__} {exc}".lower()
         return any(w in text for w in _TRANSIENT_WORDS)
