@@ -25,6 +25,7 @@ from .layout import Kind
 from .manifest import Manifest
 from .progress import Progress
 from .reader import ManifestReader
+from .state import flatten_state
 from .step_files import file_problems, shard_files
 from .storage import LocalStorage, Storage, storage_for, wrap_os_error
 
@@ -224,12 +225,34 @@ def _load_one(storage: Storage, path: str, s: int, state: dict[str, Any], **opts
         # a load of every tensor with no slot to read into: a slab (a partial load, e.g. the
         # weights of a checkpoint larger than memory, keeps a shadow per tensor it wants)
         whole = opts.get("strict", True) and not opts.get("exclude") and manifest.world_size == 1
-        if opts.get("pool") is None and whole and distributed.current() is None:
+        if (
+            opts.get("pool") is None
+            and whole
+            and distributed.current() is None
+            and _slab_pays(manifest, state)
+        ):
             slab, opts["pool"], opts["region"] = _slab(manifest)  # noqa: F841 - the views' memory
         load_checkpoint(storage, path, manifest, state, paths=paths, **opts)
     finally:
         for fd in fds.values():
             os.close(fd)
+
+
+SLAB_MAX_ORPHANS = 1 / 8  # of a checkpoint's bytes: tensors with no live tensor to copy into
+
+
+def _slab_pays(manifest: Manifest, state: dict[str, Any]) -> bool:
+    """Whether a slab keeps the load's host memory near the checkpoint's size.  A tensor with
+    no live counterpart (the state of a fresh optimizer) is handed to its owner as memory of
+    its own: from a slab that is a copy, made while the slab is alive, so a resume into a
+    fresh Adam would peak at 1.7x the checkpoint; its own shadow is handed over as it is."""
+    try:
+        live = flatten_state(state).tensors
+    except Exception:  # the plan reports what is wrong with the state
+        return False
+    size = {fqn: sum(c.nbytes for c in t.chunks) for fqn, t in manifest.tensors.items()}
+    orphans = sum(n for fqn, n in size.items() if fqn not in live)
+    return orphans <= SLAB_MAX_ORPHANS * sum(size.values())
 
 
 def _slab(manifest: Manifest) -> tuple[torch.Tensor, dict[str, torch.Tensor], tuple[int, int]]:

@@ -46,7 +46,10 @@ INTERNAL_XML = (
     b"<Error><Code>InternalError</Code><Message>We encountered an internal error.</Message>"
     b"<RequestId>faultproxy</RequestId></Error>"
 )
-_ANSWERS = {"throttle": (503, "Slow Down", SLOWDOWN_XML), "error": (500, "Internal Server Error", INTERNAL_XML)}
+_ANSWERS = {
+    "throttle": (503, "Slow Down", SLOWDOWN_XML),
+    "error": (500, "Internal Server Error", INTERNAL_XML),
+}
 _HOP = {
     "connection",
     "keep-alive",
