@@ -10,6 +10,8 @@ Modes, switchable while a test runs (:meth:`FaultProxy.set`):
 - ``"drop"``: read the request, then close the connection without answering;
 - ``"outage"``: close the connection at once, without reading the request body (for all
   requests, new connections are closed before anything is read);
+- ``"norange"``: forward the request without its ``Range`` header (a server that ignores it,
+  answering 200 with the whole object);
 - ``"cut"``: forward the request, send the answer's headers and the first half of its body
   (its full ``Content-Length`` announced), then close the connection: a GET that breaks
   midway.
@@ -35,7 +37,7 @@ from urllib.parse import urlsplit
 
 __all__ = ["FaultProxy", "matching", "SLOWDOWN_XML"]
 
-MODES = ("pass", "throttle", "error", "drop", "outage", "cut")
+MODES = ("pass", "throttle", "error", "drop", "outage", "cut", "norange")
 SLOWDOWN_XML = (
     b'<?xml version="1.0" encoding="UTF-8"?>\n'
     b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message>"
@@ -167,20 +169,20 @@ class _Handler(BaseHTTPRequestHandler):
                 if self.command != "HEAD":
                     self.wfile.write(body)
                 return
-            self._forward(cut=action == "cut")
+            self._forward(cut=action == "cut", drop=("range",) if action == "norange" else ())
         except (OSError, http.client.HTTPException, ValueError):
             self.close_connection = True  # a broken client or upstream: end this connection
 
     do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = do_PATCH = do_OPTIONS = _serve
 
-    def _forward(self, cut: bool = False) -> None:
+    def _forward(self, cut: bool = False, drop: tuple[str, ...] = ()) -> None:
         proxy = self.server.proxy
         chunked = "chunked" in self.headers.get("Transfer-Encoding", "").lower()
         up = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=60)
         try:
             up.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
             for k, v in self.headers.items():
-                if k.lower() not in _HOP:
+                if k.lower() not in _HOP and k.lower() not in drop:
                     up.putheader(k, v)
             if chunked:
                 up.putheader("Transfer-Encoding", "chunked")

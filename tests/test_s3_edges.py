@@ -230,3 +230,23 @@ def test_a_head_answered_500_is_retried_like_other_5xx(proxied, op: str) -> None
         (probe_file if op == "probe_file" else FsspecStorage.stat)(s, f"{root}/f.bin")  # never None
     assert ei.value.errno != errno.ENOENT
     assert px.faulted["HEAD"] == s.retries + 1, (px.faulted, ei.value)  # retried
+
+
+@pytest.mark.timeout(120)
+def test_a_ranged_read_the_store_answers_whole_is_an_error_not_wrong_bytes(proxied) -> None:
+    """A server (or a proxy) that ignores ``Range`` answers 200 with the object from byte 0:
+    a read at an offset must fail, never fill the buffer with the wrong bytes."""
+    root, opts, fs, px = proxied
+    s = FsspecStorage(root, opts)
+    s.retries = 0
+    raw = os.urandom(64 * 1024)
+    _put(fs, f"{root}/r.bin", raw)
+    out = memoryview(bytearray(len(raw)))
+    assert s.read_into(f"{root}/r.bin", 1000, out[:4096]) == 4096
+    assert bytes(out[:4096]) == raw[1000:5096]
+    px.set("norange", matching("GET", r"r\.bin"))
+    out = memoryview(bytearray(len(raw)))
+    with pytest.raises(StorageError, match="Range"):
+        s.read_into(f"{root}/r.bin", 1000, out)
+    assert s.read_into(f"{root}/r.bin", 0, out) == len(raw)  # from byte 0 the answer is right
+    assert bytes(out) == raw

@@ -122,6 +122,14 @@ async def get_into(call: Call, bucket: str, key: str, offset: int, out: memoryvi
             return 0
         raise
     body, got = resp["Body"], 0
+    if offset and not str(resp.get("ContentRange") or "").startswith(f"bytes {offset}-"):
+        body.close()  # a server (or proxy) that ignored the Range sends the object from byte 0
+        raise StorageError(
+            errno.EIO,
+            f"asked for bytes from {offset}, the store answered {resp.get('ContentRange') or 'the whole object'}"
+            "; is a proxy in front of the store dropping Range headers?",
+            key,
+        )
     dst = ctypes.addressof(ctypes.c_char.from_buffer(out))
     try:
         # each piece as the connection delivers it (at most 1 MiB); the body checks that the
