@@ -25,7 +25,7 @@ from .layout import Kind
 from .manifest import Manifest
 from .progress import Progress
 from .reader import ManifestReader
-from .state import flatten_state
+from .state import flatten_state, tensor_fqns
 from .step_files import file_problems, shard_files
 from .storage import LocalStorage, Storage, storage_for, wrap_os_error
 
@@ -247,9 +247,12 @@ def _slab_pays(manifest: Manifest, state: dict[str, Any]) -> bool:
     its own: from a slab that is a copy, made while the slab is alive, so a resume into a
     fresh Adam would peak at 1.7x the checkpoint; its own shadow is handed over as it is."""
     try:
-        live = flatten_state(state).tensors
+        flat = flatten_state(state)
     except Exception:  # the plan reports what is wrong with the state
         return False
+    # a numpy array is replaced by a new one on load, never written into: no live tensor
+    arrays = set().union(*(tensor_fqns(node, ("ndarray",)) for node in flat.tree.values()))
+    live = flat.tensors.keys() - arrays
     size = {fqn: sum(c.nbytes for c in t.chunks) for fqn, t in manifest.tensors.items()}
     orphans = sum(n for fqn, n in size.items() if fqn not in live)
     return orphans <= SLAB_MAX_ORPHANS * sum(size.values())

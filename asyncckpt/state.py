@@ -178,17 +178,17 @@ def select_state(flat: FlatState, include: Sequence[str] | None, exclude: Sequen
     )
 
 
-def tensor_fqns(node: dict[str, Any]) -> set[str]:
-    """Every tensor fqn under a node of the state tree."""
+def tensor_fqns(node: dict[str, Any], kinds: tuple[str, ...] = ("tensor", "ndarray")) -> set[str]:
+    """Every tensor fqn under a node of the state tree (of the given leaf kinds)."""
     kind = node["t"]
     if kind in ("tensor", "ndarray"):
-        return {node["fqn"]}
+        return {node["fqn"]} if kind in kinds else set()
     if kind == "object":
-        return tensor_fqns(node["sd"])
+        return tensor_fqns(node["sd"], kinds)
     if kind == "dict":
-        return set().union(*(tensor_fqns(c) for _, c in node["items"]))
+        return set().union(*(tensor_fqns(c, kinds) for _, c in node["items"]))
     if kind in ("list", "tuple"):
-        return set().union(*(tensor_fqns(c) for c in node["items"]))
+        return set().union(*(tensor_fqns(c, kinds) for c in node["items"]))
     return set()
 
 

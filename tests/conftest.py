@@ -68,3 +68,30 @@ def s3(moto_endpoint):
     fs.call_s3("create_bucket", Bucket=bucket)
     yield f"s3://{bucket}/run7", opts, fs
     requests.post(f"{moto_endpoint}/moto-api/reset", timeout=10)
+
+
+# fail fast: one botocore attempt in all (botocore's legacy ``max_attempts`` counts *retries*,
+# so ``total_max_attempts`` it is), short timeouts; the library's own retries still apply
+FAST_S3 = {"connect_timeout": 1, "read_timeout": 2, "retries": {"total_max_attempts": 1}}
+
+
+@pytest.fixture
+def proxied(s3, moto_endpoint, monkeypatch):
+    """(root, storage options through a fault proxy, direct s3fs filesystem, proxy)."""
+    import s3fs
+
+    from .faultproxy import FaultProxy
+
+    # s3fs retries SlowDown and dropped connections itself (not listings), up to
+    # `S3FileSystem.retries` attempts (5), with backoff; that is a class attribute, not a
+    # constructor option (`"retries": 1` in storage options is silently ignored), so lower
+    # it here: one attempt, and only the library's own retries remain
+    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
+    root, opts, fs = s3
+    with FaultProxy(moto_endpoint) as px:
+        popts = {
+            **opts,
+            "client_kwargs": {**opts["client_kwargs"], "endpoint_url": px.endpoint},
+            "config_kwargs": dict(FAST_S3),
+        }
+        yield root, popts, fs, px

@@ -41,6 +41,17 @@ def tensors_of(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
     return out
 
 
+def zeroed(obj: Any) -> Any:
+    """``obj`` with every tensor replaced by zeros of its shape and dtype (dicts, lists kept)."""
+    if isinstance(obj, torch.Tensor):
+        return torch.zeros_like(obj)
+    if isinstance(obj, dict):
+        return {k: zeroed(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [zeroed(v) for v in obj]
+    return obj
+
+
 def snapshot(obj: Any) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in tensors_of(obj).items()}
 

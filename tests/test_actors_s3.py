@@ -31,37 +31,14 @@ from asyncckpt.catalog import read_manifest
 from asyncckpt.policy import KeepLast
 from asyncckpt.storage import FsspecStorage, exists
 
-from .faultproxy import FaultProxy, matching
+from .faultproxy import matching
 from .helpers import assert_same
 
 pytestmark = pytest.mark.s3
 
-# fail fast: one botocore attempt in all (botocore's legacy ``max_attempts`` counts *retries*,
-# so ``total_max_attempts`` it is), short timeouts; the library's own retries still apply
-FAST = {"connect_timeout": 1, "read_timeout": 2, "retries": {"total_max_attempts": 1}}
 PART = 5 * 2**20  # the smallest S3 part size
 BIG = (13 << 20) // 4  # float32 elements: a 13 MiB shard, three parts of at most 5 MiB
 SMALL = 2000
-
-
-@pytest.fixture
-def proxied(s3, moto_endpoint, monkeypatch):
-    """(root, storage options through the proxy, direct s3fs filesystem, proxy)."""
-    import s3fs
-
-    # s3fs retries SlowDown and dropped connections itself (not listings), up to
-    # `S3FileSystem.retries` attempts (5), with backoff; that is a class attribute, not a
-    # constructor option (`"retries": 1` in storage options is silently ignored), so lower
-    # it here: one attempt, and only the library's own retries remain
-    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)
-    root, opts, fs = s3
-    with FaultProxy(moto_endpoint) as px:
-        popts = {
-            **opts,
-            "client_kwargs": {**opts["client_kwargs"], "endpoint_url": px.endpoint},
-            "config_kwargs": dict(FAST),
-        }
-        yield root, popts, fs, px
 
 
 def _values(step: int, n: int = SMALL) -> torch.Tensor:

@@ -14,7 +14,7 @@ from asyncckpt import AsyncCheckpointer, CorruptCheckpointError, SelectOptions, 
 from asyncckpt.catalog import read_manifest
 from asyncckpt.storage import LocalStorage
 
-from .helpers import assert_same, snapshot
+from .helpers import assert_same, snapshot, zeroed
 
 resume_mod = importlib.import_module("asyncckpt.resume")
 
@@ -41,16 +41,6 @@ def _odd_state(seed: int) -> dict:
     out["big"] = torch.randn(5 << 20, generator=g)  # 20 MiB: two read pieces
     out["nested"] = {"a": _bits(torch.float64, 17, g), "b": [_bits(torch.int16, 9, g)]}
     return out
-
-
-def _zeroed(obj):  # type: ignore[no-untyped-def]
-    if isinstance(obj, torch.Tensor):
-        return torch.zeros_like(obj)
-    if isinstance(obj, dict):
-        return {k: _zeroed(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_zeroed(v) for v in obj]
-    return obj
 
 
 class _Reads:
@@ -96,7 +86,7 @@ def test_slab_every_dtype_odd_sizes_scalars_and_empties_bit_exact(
 
     monkeypatch.setattr(resume_mod, "_slab", spy_slab)
     reads = _Reads(monkeypatch)
-    live = _zeroed(_odd_state(2))
+    live = zeroed(_odd_state(2))
     assert resume(root, live) == 1
     assert_same(snapshot(live), snapshot(state))
     with_bytes = sum(1 for t in m.tensors.values() if t.chunks[0].nbytes)
@@ -317,7 +307,7 @@ def test_s3_slab_multi_file_whole_reads_and_corrupt_object_falls_back(s3, monkey
         return real(self, path, offset, out)
 
     monkeypatch.setattr(FsspecStorage, "read_into", counting)
-    live = _zeroed(state)
+    live = zeroed(state)
     assert resume(root, live, storage_options=opts) == 2
     assert_same(snapshot(live), two)
     assert len(calls) == 3 and all(off == 0 for _, off, _ in calls), calls
@@ -325,7 +315,7 @@ def test_s3_slab_multi_file_whole_reads_and_corrupt_object_falls_back(s3, monkey
     data = bytearray(fs.cat(shard))
     data[len(data) // 2] ^= 0xFF
     fs.pipe(shard, bytes(data))
-    live = _zeroed(state)
+    live = zeroed(state)
     with pytest.warns(RuntimeWarning, match="skipping step 2.*checksum"):
         assert resume(root, live, storage_options=opts) == 1
     assert_same(snapshot(live), one)
@@ -424,3 +414,37 @@ def test_slab_resume_into_a_fresh_optimizer_does_not_hold_the_checkpoint_twice(t
     assert peak < 1.3 * ckpt, (
         f"resume's peak host memory {peak / ckpt:.2f}x the checkpoint ({ckpt >> 20} MiB)"
     )
+
+
+def test_a_state_of_numpy_arrays_is_not_copied_out_of_a_slab(tmp_path, monkeypatch) -> None:
+    """A numpy array is replaced on load, never written into, so it has no live tensor: a
+    numpy-heavy state must not take the slab (its arrays would be copies of slab views, made
+    while the slab lives).  ``flatten_state`` turns arrays into tensors; they once counted as
+    live."""
+    import numpy as np
+
+    from asyncckpt import load_plan
+
+    root = str(tmp_path / "ck")
+    state = {"w": torch.ones(1024), "arr": np.arange(1 << 20, dtype=np.float32)}
+    with AsyncCheckpointer(root, state) as ck:
+        ck.save_async(1).result()
+    seen: list[tuple[int, int]] = []
+    real = load_plan.LoadPlan.apply
+
+    def spy(self) -> None:  # type: ignore[no-untyped-def]
+        nbytes = {f: s.numel() * s.element_size() for f, s in self.shadows.items()}
+        seen.append(
+            (
+                sum(n for f, n in nbytes.items() if f in self.owned and f not in self.live),
+                sum(nbytes.values()),
+            )
+        )
+        real(self)
+
+    monkeypatch.setattr(load_plan.LoadPlan, "apply", spy)
+    live = {"w": torch.zeros(1024), "arr": np.zeros(1 << 20, dtype=np.float32)}
+    assert resume(root, live) == 1
+    assert (live["arr"] == state["arr"]).all() and torch.equal(live["w"], state["w"])
+    [(copied, total)] = seen
+    assert copied <= resume_mod.SLAB_MAX_ORPHANS * total, (copied, total)

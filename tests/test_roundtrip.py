@@ -7,7 +7,7 @@ import torch.distributed.checkpoint as dcp
 
 from asyncckpt import AsyncCheckpointer, list_checkpoints, resume
 
-from .helpers import assert_same, snapshot, tiny_model, train_steps
+from .helpers import assert_same, snapshot, tiny_model, train_steps, zeroed
 
 
 def _dtypes() -> list[torch.dtype]:
@@ -33,16 +33,6 @@ def _random(shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator) -> t
     return torch.randint(0, 100, shape, generator=g).to(dtype)
 
 
-def _zeroed(obj):
-    if isinstance(obj, torch.Tensor):
-        return torch.zeros_like(obj)
-    if isinstance(obj, dict):
-        return {k: _zeroed(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_zeroed(v) for v in obj]
-    return obj
-
-
 def test_every_dtype_and_odd_shapes_round_trip(root: str, executor: str) -> None:
     g = torch.Generator().manual_seed(1)
     base = torch.randn(6, 5, generator=g)
@@ -62,7 +52,7 @@ def test_every_dtype_and_odd_shapes_round_trip(root: str, executor: str) -> None
     with AsyncCheckpointer(root, state, executor=executor) as ck:
         ck.save_async(7).result()
 
-    fresh = {"t": _zeroed(tensors), "nested": _zeroed(state["nested"])}
+    fresh = {"t": zeroed(tensors), "nested": zeroed(state["nested"])}
     assert resume(root, fresh) == 7
     assert_same(snapshot(fresh), expected)
 

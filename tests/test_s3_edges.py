@@ -11,29 +11,12 @@ import pytest
 from asyncckpt import StorageError
 from asyncckpt.storage import FsspecStorage, is_file, probe_file
 
-from .faultproxy import FaultProxy, matching
+from .faultproxy import matching
 
 pytestmark = pytest.mark.s3
 
 MiB = 1 << 20
 PART = 5 * MiB
-FAST = {"connect_timeout": 1, "read_timeout": 2, "retries": {"total_max_attempts": 1}}
-
-
-@pytest.fixture
-def proxied(s3, moto_endpoint, monkeypatch):
-    """(root, storage options through the proxy, direct s3fs filesystem, proxy)."""
-    import s3fs
-
-    monkeypatch.setattr(s3fs.S3FileSystem, "retries", 1)  # only the library's own retries
-    root, opts, fs = s3
-    with FaultProxy(moto_endpoint) as px:
-        popts = {
-            **opts,
-            "client_kwargs": {**opts["client_kwargs"], "endpoint_url": px.endpoint},
-            "config_kwargs": dict(FAST),
-        }
-        yield root, popts, fs, px
 
 
 def _put(fs, url: str, data: bytes = b"x") -> None:

@@ -124,11 +124,13 @@ async def get_into(call: Call, bucket: str, key: str, offset: int, out: memoryvi
     body, got = resp["Body"], 0
     if offset and not str(resp.get("ContentRange") or "").startswith(f"bytes {offset}-"):
         body.close()  # a server (or proxy) that ignored the Range sends the object from byte 0
+        if resp.get("ContentLength") == 0:
+            return 0  # nothing at all: the range lies past the end of the object
         raise StorageError(
             errno.EIO,
             f"asked for bytes from {offset}, the store answered {resp.get('ContentRange') or 'the whole object'}"
             "; is a proxy in front of the store dropping Range headers?",
-            key,
+            f"s3://{bucket}/{key}",
         )
     dst = ctypes.addressof(ctypes.c_char.from_buffer(out))
     try:
@@ -137,7 +139,9 @@ async def get_into(call: Call, bucket: str, key: str, offset: int, out: memoryvi
         while chunk := await body.read(1 << 20):
             k = len(chunk)
             if got + k > n:
-                raise StorageError(errno.EIO, f"the store sent more than the {n} bytes asked for", key)
+                raise StorageError(
+                    errno.EIO, f"the store sent more than the {n} bytes asked for", f"s3://{bucket}/{key}"
+                )
             if type(chunk) is bytes:
                 ctypes.memmove(dst + got, chunk, k)  # releases the GIL
             else:
