@@ -75,9 +75,14 @@ def write_all(
     if head:
         _write(fd, data[:head], pace, ready)
     if direct:
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~O_DIRECT)
+        _buffered(fd)
     if head < size:
         _write(fd, data[head:], pace, ready, head)
+
+
+def _buffered(fd: int) -> None:
+    """Clear ``O_DIRECT`` on an open descriptor: later writes go through the page cache."""
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~O_DIRECT)
 
 
 def read_into(fd: int, offset: int, out: memoryview) -> int:
@@ -99,13 +104,28 @@ class DirectStream:
     cleared, and is called once, at the end (``finish_write``).  No page cache is filled
     and none has to be written back, at the price of one memmove (without the GIL)."""
 
-    def __init__(self, fd: int, size: int = _PIECE) -> None:
+    def __init__(self, fd: int, refused: Callable[[OSError], None], size: int = _PIECE) -> None:
+        """``refused`` is told when the filesystem refuses a direct write (``EINVAL``; it
+        raises where ``O_DIRECT`` is required); the stream then goes on buffered."""
         self.fd = fd
+        self._refused = refused
         self._mm = mmap.mmap(-1, size)
         self._buf = memoryview(self._mm)
         self._at = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))
         self._n = 0
+        self._pos = 0  # bytes written to the file so far
         self.closed = False
+
+    def _out(self, mv: memoryview) -> None:
+        try:
+            _write(self.fd, mv, None)
+        except OSError as e:
+            if e.errno != errno.EINVAL or not fcntl.fcntl(self.fd, fcntl.F_GETFL) & O_DIRECT:
+                raise
+            self._refused(e)  # opened with O_DIRECT, but a write was refused: buffered from here
+            _buffered(self.fd)
+            _write(self.fd, mv[os.lseek(self.fd, 0, os.SEEK_CUR) - self._pos :], None)
+        self._pos += mv.nbytes
 
     def write(self, data: Any) -> int:
         mv = memoryview(data).cast("B")
@@ -122,7 +142,7 @@ class DirectStream:
             self._n += k
             done += k
             if self._n == size:
-                _write(self.fd, self._buf, None)
+                self._out(self._buf)
                 self._n = 0
         return mv.nbytes
 
@@ -130,20 +150,26 @@ class DirectStream:
         if self._n:
             head = self._n // PAGE * PAGE
             if head:
-                _write(self.fd, self._buf[:head], None)
-            fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~O_DIRECT)
-            _write(self.fd, self._buf[head : self._n], None)
+                self._out(self._buf[:head])
+            _buffered(self.fd)
+            self._out(self._buf[head : self._n])
             self._n = 0
 
     def fileno(self) -> int:
         return self.fd
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self._buf.release()
-            self._mm.close()
+        if self.closed:
+            return
+        self.closed = True
+        try:
             os.close(self.fd)
+        finally:
+            try:
+                self._buf.release()
+                self._mm.close()
+            except BufferError:  # a failed write's traceback still holds a slice: the GC frees it
+                pass
 
 
 class DirectIO:

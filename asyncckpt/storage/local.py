@@ -76,15 +76,21 @@ class LocalStorage:
                 raise wrap_os_error("open for writing", path, e) from e
             self.direct.refused(path, e)
             return self.open_write(path)
-        return DirectStream(fd)  # type: ignore[return-value]
+        try:
+            return DirectStream(fd, lambda e: self.direct.refused(path, e))  # type: ignore[return-value]
+        except BaseException:
+            os.close(fd)
+            raise
 
     def finish_write(self, f: BinaryIO, path: str, size: int | None = None) -> None:
         """Flush and fsync; a file is durable only after this returns."""
         try:
             f.flush()
             os.fsync(f.fileno())
-            if isinstance(f, DirectStream) and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # its buffered tail
+            if hasattr(os, "posix_fadvise"):  # a checkpoint is not read back soon
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # its buffered part
+        except StorageError:
+            raise  # already says what failed (a direct write that direct_io=True requires)
         except OSError as e:
             raise wrap_os_error("fsync", path, e) from e
         finally:
