@@ -18,7 +18,6 @@ typed message crosses the process boundary.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import queue
@@ -38,7 +37,7 @@ from .compressed import Compressor
 from .errors import WriterDiedError
 from .manifest import dtype_name
 from .options import WriterOptions
-from .priority import Pacer, lower_priority
+from .priority import Pacer, writer_priority
 from .request import SaveOutcome, SaveRequest
 from .staging import Lease
 from .storage import Storage
@@ -77,7 +76,7 @@ class ThreadExecutor:
     def __init__(self, storage: Storage, opts: WriterOptions) -> None:
         self.storage = storage
         self.opts = opts
-        lower = functools.partial(lower_priority, opts.cpu_nice, opts.io_priority)
+        self._lower = lower = writer_priority(opts.cpu_nice, opts.io_priority)  # the trainer's, lowered
         self._files = (
             ThreadPoolExecutor(opts.threads, "asyncckpt-io", initializer=lower) if opts.threads > 1 else None
         )
@@ -119,7 +118,7 @@ class ThreadExecutor:
             self._compressor.close()
 
     def _loop(self) -> None:
-        lower_priority(self.opts.cpu_nice, self.opts.io_priority)  # this thread (and its helpers) only
+        self._lower()  # this thread; its helpers inherit it (and their pools set it again)
         while (job := self._queue.get()) is not None:
             try:
                 # with write_during_copy the writer starts now and waits per piece; otherwise
@@ -194,6 +193,8 @@ class ProcessExecutor:
             str(to_child_r),
             str(from_child_w),
             str(os.getpid()),
+            str(self._config.writer.cpu_nice),  # set first thing, before the writer starts threads
+            self._config.writer.io_priority,
         ]
         try:
             self.process = subprocess.Popen(

@@ -210,16 +210,19 @@ class WriterOptions:
         direct_io: local disks: write shard files with ``O_DIRECT`` (no page cache, a tenth
             of the CPU). None tries it and falls back to buffered writes where the
             filesystem refuses it (logged once); False never; True requires it.
-        nice: how much to lower the writer's CPU priority (0..19). None: 10 for a writer
-            process, 0 for a writer thread (a lowered thread that holds the GIL would hold
-            up the trainer).
+        nice: how much to lower the writer's CPU priority (0..19), relative to the thread
+            that builds the checkpointer; every thread of the writer gets that one level.
+            None: 10 for a writer process, 0 for a writer thread (a lowered thread that
+            holds the GIL would hold up the trainer) and for the local-first tier's
+            uploader (a thread in the trainer's process).
         io_priority: the writer's I/O priority: ``"normal"``, ``"low"`` (best effort, lowest
             level; the default) or ``"idle"`` (only when the disk is otherwise idle: the
             least interference, but a busy disk can delay a checkpoint without bound).
             Honoured by the BFQ I/O scheduler only.
         max_bandwidth: a cap on the writer's bytes per second, or None.  A checkpoint then
-            takes at least its size / cap to become durable, and holds its staging slot as
-            long.  It is the knob for step-time jitter: uncapped, a write at full disk speed
+            takes about its size / cap to become durable (the first 32 MiB go at once), and
+            holds its staging slot as long.  The local-first tier's uploads are capped at
+            the same rate, apart from the local writes.  It is the knob for step-time jitter: uncapped, a write at full disk speed
             lengthens a few steps (on the 2-core benchmark machine the p99 step during a
             write was 2.7x the p99 without one); at about a tenth of the disk's speed the
             p99 was that of no write (docs/benchmarks.md, Interference).

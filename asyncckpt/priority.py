@@ -2,7 +2,9 @@
 
 Both priorities apply to the calling thread (on Linux each thread has its own nice value
 and I/O priority, and threads it starts inherit them), so a writer thread in the trainer's
-process can be lowered without touching the trainer.  They are best effort: an
+process can be lowered without touching the trainer.  Every thread that writes or uploads
+for a checkpoint is lowered: the writer, its pools, a writer process's threads (fsspec's
+event loop among them) and the local-first tier's uploader.  They are best effort: an
 unprivileged process can lower but not raise them, the I/O class is honoured only by the
 BFQ scheduler (``mq-deadline`` and ``none`` ignore it), and other platforms keep their
 defaults.  A bandwidth cap (:class:`Pacer`) works everywhere.
@@ -11,13 +13,15 @@ defaults.  A bandwidth cap (:class:`Pacer`) works everywhere.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import platform
 import threading
 import time
+from collections.abc import Callable
 
-__all__ = ["IO_PRIORITIES", "lower_priority", "Pacer"]
+__all__ = ["IO_PRIORITIES", "writer_priority", "Pacer"]
 
 log = logging.getLogger("asyncckpt")
 
@@ -39,12 +43,26 @@ def _set_io_priority(level: str) -> None:
         log.debug("asyncckpt: ioprio_set failed: %s", os.strerror(ctypes.get_errno()))
 
 
-def lower_priority(nice: int, io: str) -> None:
-    """Lower the calling thread's CPU priority by ``nice`` and set its I/O priority."""
+def writer_priority(nice: int, io: str) -> Callable[[], None]:
+    """A function that gives the thread calling it the writer's priorities: a CPU nice value
+    ``nice`` above that of the thread calling *this* (the trainer), and I/O priority ``io``.
+    It sets a level, never adds to one: a helper thread that inherited the level, or applies
+    it again (a pool's ``initializer``), ends at the same place."""
+    target = None
     if nice > 0 and hasattr(os, "setpriority"):
+        try:
+            target = min(19, os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) + nice)
+        except OSError as e:
+            log.debug("asyncckpt: getpriority failed: %s", e)
+    return functools.partial(_apply, target, io)
+
+
+def _apply(target: int | None, io: str) -> None:
+    if target is not None:
         tid = threading.get_native_id()  # Linux: a thread id is a PRIO_PROCESS target
         try:
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+            if os.getpriority(os.PRIO_PROCESS, tid) < target:  # lower only: raising needs privileges
+                os.setpriority(os.PRIO_PROCESS, tid, target)
         except OSError as e:
             log.debug("asyncckpt: setpriority failed: %s", e)
     if io != "normal":

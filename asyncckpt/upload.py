@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +37,10 @@ log = logging.getLogger("asyncckpt")
 _CHUNK = 64 << 20
 
 
-def _copy_file(src: Storage, src_path: str, dst: Storage, dst_path: str) -> int:
+Pace = Callable[[int], None] | None  # the writer's bandwidth cap (priority.Pacer), or None
+
+
+def _copy_file(src: Storage, src_path: str, dst: Storage, dst_path: str, pace: Pace = None) -> int:
     """Stream one file; retried as a whole on transient errors.  Returns its size."""
 
     def attempt() -> int:
@@ -47,6 +51,8 @@ def _copy_file(src: Storage, src_path: str, dst: Storage, dst_path: str) -> int:
                 while chunk := f.read(_CHUNK):
                     out.write(chunk)
                     n += len(chunk)
+                    if pace is not None:
+                        pace(len(chunk))
             dst.finish_write(out, dst_path, n)
         except Exception as e:  # a failed completion too: no multipart upload is left open
             dst.abort_write(out)
@@ -61,7 +67,9 @@ def _copy_file(src: Storage, src_path: str, dst: Storage, dst_path: str) -> int:
     return retrying(dst, attempt)
 
 
-def upload_step(local: Storage, local_dir: str, remote: Storage, remote_dir: str, owner: str = "") -> int:
+def upload_step(
+    local: Storage, local_dir: str, remote: Storage, remote_dir: str, owner: str = "", pace: Pace = None
+) -> int:
     """Copy a committed step; the manifest goes last.  Returns the bytes uploaded.
 
     While it is under way the remote step holds ``.writer`` with ``owner``'s token, so
@@ -72,18 +80,18 @@ def upload_step(local: Storage, local_dir: str, remote: Storage, remote_dir: str
     remote.makedirs(remote_dir)  # a shared POSIX remote (object stores need none)
     marker = layout.join(remote_dir, layout.WRITER_MARKER)
     write_small(remote, marker, owner.encode())
-    total = _upload_parts(local, local_dir, remote, remote_dir)
+    total = _upload_parts(local, local_dir, remote, remote_dir, pace)
     for name in names:
-        total += _copy_file(local, layout.join(local_dir, name), remote, layout.join(remote_dir, name))
+        total += _copy_file(local, layout.join(local_dir, name), remote, layout.join(remote_dir, name), pace)
     total += _copy_file(
-        local, layout.join(local_dir, layout.MANIFEST), remote, layout.join(remote_dir, layout.MANIFEST)
+        local, layout.join(local_dir, layout.MANIFEST), remote, layout.join(remote_dir, layout.MANIFEST), pace
     )
     remote.remove(marker)
     _mark_uploaded(local, local_dir)
     return total
 
 
-def _upload_parts(local: Storage, local_dir: str, remote: Storage, remote_dir: str) -> int:
+def _upload_parts(local: Storage, local_dir: str, remote: Storage, remote_dir: str, pace: Pace) -> int:
     """A differential step: copy the parts it references that the remote chunk store lacks
     (usually only the ones this step wrote), before its manifest.  A part the remote has is
     referenced by the newest remote step, so the remote's sweep cannot take it meanwhile; one
@@ -99,7 +107,7 @@ def _upload_parts(local: Storage, local_dir: str, remote: Storage, remote_dir: s
     def one(name: str) -> int:
         if remote.stat(layout.join(dst, name)) is not None:
             return 0
-        return _copy_file(local, layout.join(src, name), remote, layout.join(dst, name))
+        return _copy_file(local, layout.join(src, name), remote, layout.join(dst, name), pace)
 
     with concurrent.futures.ThreadPoolExecutor(8, "asyncckpt-upload-parts") as pool:
         return sum(pool.map(one, names))
@@ -120,6 +128,7 @@ def upload_piece(
     paths: dict[str, tuple[str | int, ...]],
     run_id: str,
     timeout: float,
+    pace: Pace = None,
 ) -> tuple[int, CheckpointInfo]:
     """Several ranks: upload this rank's piece of a step, then its done record; rank 0 waits
     for every rank's record and writes the manifest (the commit), the others wait for it.
@@ -137,7 +146,7 @@ def upload_piece(
             remote.remove(layout.join(remote_dir, name))  # a file: unlinked
     total = 0
     for name in own:
-        total += _copy_file(local, layout.join(local_dir, name), remote, layout.join(remote_dir, name))
+        total += _copy_file(local, layout.join(local_dir, name), remote, layout.join(remote_dir, name), pace)
     retrying(remote, lambda: write_done_record(remote, remote_dir, rank, m.tensors, own, run_id))
     if rank == 0:
         tensors, files = gather_done_records(remote, remote_dir, m.step, m.world_size, timeout, run_id=run_id)
@@ -174,8 +183,13 @@ class Uploader:
         remote_root: str,
         commit_timeout: float = 600.0,
         owner: str = "",
+        pace: Pace = None,
+        priority: Callable[[], None] | None = None,
     ) -> None:
+        """``pace`` and ``priority`` (``priority.writer_priority``): the writer's bandwidth cap
+        and priorities, which the uploads (their thread and its helpers) keep as well."""
         self.local, self.remote, self.remote_root, self.owner = local, remote, remote_root, owner
+        self.pace, self.priority = pace, priority
         self.commit_timeout = commit_timeout
         self._pending: dict[int, _Upload] = {}
         self._lock = threading.Lock()
@@ -212,6 +226,8 @@ class Uploader:
         self._thread.join(None if wait else 5)
 
     def _loop(self) -> None:
+        if self.priority is not None:
+            self.priority()  # this thread; its parts pool inherits it
         while (up := self._queue.get()) is not None:
             step = up.info.step
             remote_dir = layout.join(self.remote_root, layout.step_dirname(step))
@@ -219,11 +235,19 @@ class Uploader:
             try:
                 if up.join is not None:
                     nbytes, remote_info = upload_piece(
-                        self.local, up.info.path, self.remote, remote_dir, *up.join, self.commit_timeout
+                        self.local,
+                        up.info.path,
+                        self.remote,
+                        remote_dir,
+                        *up.join,
+                        self.commit_timeout,
+                        self.pace,
                     )
                     _mark_uploaded(self.local, up.info.path)
                 else:
-                    nbytes = upload_step(self.local, up.info.path, self.remote, remote_dir, self.owner)
+                    nbytes = upload_step(
+                        self.local, up.info.path, self.remote, remote_dir, self.owner, self.pace
+                    )
                     remote_info = dataclasses.replace(up.info, path=remote_dir, upload="uploaded")
             except BaseException as e:
                 log.error("asyncckpt: uploading step %d to %s failed: %s", step, remote_dir, e)

@@ -136,7 +136,7 @@ def writer_main(conn_in: Connection, conn_out: Connection, parent_pid: int) -> N
     from .commit import write_and_commit
     from .compressed import Compressor
     from .manifest import DTYPES
-    from .priority import Pacer, lower_priority
+    from .priority import Pacer
     from .storage import storage_for
 
     torch.set_num_threads(1)  # leave the cores to the trainer
@@ -153,7 +153,6 @@ def writer_main(conn_in: Connection, conn_out: Connection, parent_pid: int) -> N
     except BaseException as e:
         conn_out.send(StartFailed(_picklable(e)))
         return
-    lower_priority(opts.cpu_nice, opts.io_priority)  # before any thread starts: they inherit it
     pace = Pacer(opts.max_bandwidth) if opts.max_bandwidth else None
     pool = ThreadPoolExecutor(opts.threads) if opts.threads > 1 else None
     segments: list[Any] = []

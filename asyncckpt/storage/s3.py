@@ -71,11 +71,11 @@ async def multipart_upload(
             copying = loop.run_in_executor(None, fill, buf, lo, hi)
             copies.append(copying)
             buf = await asyncio.shield(copying)  # cancelled, the part leaves the copy running
+            if pace is not None:  # a part is sent when the cap allows it, holding its buffer:
+                await loop.run_in_executor(None, pace, hi - lo)  # so no more than concurrency run ahead
             out = await call("upload_part", Bucket=bucket, Key=key, UploadId=uid, PartNumber=n + 1, Body=buf)
         finally:
             free.put_nowait(buf)
-        if pace is not None:
-            await loop.run_in_executor(None, pace, hi - lo)  # pace sleeps: not on the loop
         return {"PartNumber": n + 1, "ETag": out["ETag"]}
 
     copies: list[asyncio.Future[bytearray]] = []
