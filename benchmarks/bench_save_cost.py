@@ -79,8 +79,10 @@ def _cpu_of(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _cpu_all() -> float:
-    return _cpu_self() + sum(_cpu_of(p) for p in _writer_pids())
+def _cpu_all(pids: list[int]) -> float:
+    """This process's CPU and that of the writer processes ``pids`` (found beforehand: the
+    scan of /proc costs milliseconds, which would be charged to the measured run)."""
+    return _cpu_self() + sum(_cpu_of(p) for p in pids)
 
 
 def _files(path: str) -> list[str]:
@@ -142,10 +144,11 @@ class Bench:
         """``run(path)`` does one save and returns its stall (or None); times and CPU around it."""
         path = self.path(tag)
         os.sync()
-        cpu0, t0 = _cpu_all(), time.perf_counter()
+        pids = _writer_pids()
+        cpu0, t0 = _cpu_all(pids), time.perf_counter()
         stall = run(path)
         wall = time.perf_counter() - t0
-        cpu = _cpu_all() - cpu0
+        cpu = _cpu_all(pids) - cpu0
         cached = _cached(path) if writes else 0
         if writes:
             _drop(path)
