@@ -161,6 +161,7 @@ def write_shards(
 
 
 def write_small(storage: Storage, path: str, data: bytes, algo: str = DEFAULT) -> dict[str, Any]:
-    """Write a small file durably; returns its size and checksum for the manifest."""
-    write_stream(storage, path, memoryview(data))
+    """Write a small file durably, retried like a shard file on transient errors (writing
+    the same bytes again is harmless); returns its size and checksum for the manifest."""
+    retrying(storage, lambda: write_stream(storage, path, memoryview(data)))
     return {"size": len(data), algo: checksum(algo, data)}

@@ -233,3 +233,25 @@ def test_a_ranged_read_the_store_answers_whole_is_an_error_not_wrong_bytes(proxi
         s.read_into(f"{root}/r.bin", 1000, out)
     assert s.read_into(f"{root}/r.bin", 0, out) == len(raw)  # from byte 0 the answer is right
     assert bytes(out) == raw
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", [r"\.distcp", r"\.metadata", r"manifest\.json"])
+def test_one_throttled_put_of_any_file_of_a_save_is_retried(proxied, name: str) -> None:
+    """Shard files were retried, the small commit files (``.metadata``, the manifest) were
+    not: one 503 on either lost the whole step."""
+    import torch
+
+    from asyncckpt import AsyncCheckpointer, StorageOptions, resume
+
+    root, opts, fs, px = proxied
+    storage = FsspecStorage(root, opts)
+    storage.retries = 3
+    state = {"w": torch.arange(1000.0)}
+    with AsyncCheckpointer(root, state, storage=StorageOptions(backend=storage)) as ck:
+        px.set("throttle", matching("PUT", name), count=1)
+        ck.save_async(1).result()
+    assert px.faulted["PUT"] == 1
+    live = {"w": torch.zeros(1000)}
+    assert resume(root, live, storage_options=opts) == 1
+    assert torch.equal(live["w"], state["w"])
