@@ -222,10 +222,11 @@ class WriterOptions:
         max_bandwidth: a cap on the writer's bytes per second, or None.  A checkpoint then
             takes about its size / cap to become durable (the first 32 MiB go at once), and
             holds its staging slot as long.  The local-first tier's uploads are capped at
-            the same rate, apart from the local writes.  It is the knob for step-time jitter: uncapped, a write at full disk speed
-            lengthens a few steps (on the 2-core benchmark machine the p99 step during a
-            write was 2.7x the p99 without one); at about a tenth of the disk's speed the
-            p99 was that of no write (docs/benchmarks.md, Interference).
+            the same rate, apart from the local writes.  It is the knob for step-time
+            jitter: uncapped, a write at full disk speed lengthens a few steps (on the
+            2-core benchmark machine the p99 step during a write was about 2x the p99
+            without one); at about a tenth of the disk's speed it was 0.96-1.37x
+            (docs/benchmarks.md, Interference).
         compression: None (the default: stock-DCP files), ``"lz4"`` (blosc2 LZ4 with
             bit-shuffle, about 1 GB/s per core: 1.3x smaller bf16 weights, 1.14-1.22x
             smaller Adam moments) or ``"zstd"`` (blosc2 ZSTD with byte-shuffle: 1.45x /
