@@ -38,7 +38,6 @@ from .options import (
     Options,
 )
 from .ownership import Heartbeat, is_alive, new_token, owners
-from .priority import Pacer, writer_priority
 from .pruner import Pruner, sweep_tmp
 from .request import SaveRequest
 from .resume import resume_in
@@ -147,12 +146,9 @@ class Pipeline:
                             self.remote, self.remote_root, self.run_id, opts.writer.lease_ttl, required=False
                         )
                     )
-                w = opts.writer  # the uploader is a thread in this process: nice only if asked (the GIL)
                 self.uploader = Uploader(
-                    self.storage, self.remote, self.remote_root, w.commit_timeout, owner=self.run_id,
-                    pace=Pacer(w.max_bandwidth) if w.max_bandwidth else None,
-                    priority=writer_priority(w.nice or 0, w.io_priority),
-                )  # fmt: skip
+                    self.storage, self.remote, self.remote_root, opts.writer, owner=self.run_id
+                )
                 remote = RemoteTier(self.uploader, self.remote_root)
                 if coordinator:
                     remote.catalog = Catalog(list_in(self.remote, self.remote_root))

@@ -27,6 +27,8 @@ from .errors import AsyncCheckpointError, StepExistsError, StorageError
 from .handle import CheckpointInfo
 from .layout import Kind
 from .manifest import Manifest
+from .options import WriterOptions
+from .priority import Pacer, writer_priority
 from .storage import AtomicRename, Storage, is_file, retrying
 from .writer import write_small
 
@@ -181,16 +183,16 @@ class Uploader:
         local: Storage,
         remote: Storage,
         remote_root: str,
-        commit_timeout: float = 600.0,
+        writer: WriterOptions,
         owner: str = "",
-        pace: Pace = None,
-        priority: Callable[[], None] | None = None,
     ) -> None:
-        """``pace`` and ``priority`` (``priority.writer_priority``): the writer's bandwidth cap
-        and priorities, which the uploads (their thread and its helpers) keep as well."""
+        """The uploads keep ``writer``'s bandwidth cap (a pacer of their own) and priorities:
+        CPU ``nice`` only if asked, since this is a thread in the trainer's process, where a
+        lowered thread holding the GIL would hold up the trainer."""
         self.local, self.remote, self.remote_root, self.owner = local, remote, remote_root, owner
-        self.pace, self.priority = pace, priority
-        self.commit_timeout = commit_timeout
+        self.commit_timeout = writer.commit_timeout
+        self.pace = Pacer(writer.max_bandwidth) if writer.max_bandwidth else None
+        self._lower = writer_priority(writer.nice or 0, writer.io_priority)  # the trainer's, lowered
         self._pending: dict[int, _Upload] = {}
         self._lock = threading.Lock()
         self._queue: queue.Queue[_Upload | None] = queue.Queue()
@@ -226,8 +228,7 @@ class Uploader:
         self._thread.join(None if wait else 5)
 
     def _loop(self) -> None:
-        if self.priority is not None:
-            self.priority()  # this thread; its parts pool inherits it
+        self._lower()  # this thread; its parts pool inherits it
         while (up := self._queue.get()) is not None:
             step = up.info.step
             remote_dir = layout.join(self.remote_root, layout.step_dirname(step))
