@@ -149,7 +149,7 @@ def upload_piece(
     total = 0
     for name in own:
         total += _copy_file(local, layout.join(local_dir, name), remote, layout.join(remote_dir, name), pace)
-    retrying(remote, lambda: write_done_record(remote, remote_dir, rank, m.tensors, own, run_id))
+    write_done_record(remote, remote_dir, rank, m.tensors, own, run_id)  # write_small retries it
     if rank == 0:
         tensors, files = gather_done_records(remote, remote_dir, m.step, m.world_size, timeout, run_id=run_id)
         joined = dataclasses.replace(
